@@ -1,0 +1,70 @@
+"""A/B of the wrapper's hot-path changes, in one process: (e) as shipped vs (e) with them undone.
+
+"undone" restores the earlier behaviour: ``self.log`` of the step loss on every step, and
+``keras_optimizer.apply`` on every step instead of the short update path. Same interleaving
+and CPU-time basis as ``benchmark.py``.
+
+    python benchmarks/ab_hot_path.py [--repeats 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import keras_lightning as kl  # noqa: E402
+
+import benchmark  # noqa: E402
+import torch  # noqa: E402
+
+
+class Undone(kl.KerasLightningModule):
+    """KerasLightningModule with the hot-path changes undone."""
+
+    def _step_loss_wanted(self, batch_idx: int) -> bool:
+        return True
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        if isinstance(optimizer, kl.KerasOptimizer):
+            optimizer._fast_apply = False  # always keras_optimizer.apply(...)
+        return optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=120)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    benchmark.quiet_logging()
+    workload = benchmark.mlp_workload(batches=64)
+    device = torch.device("cpu")
+    runners = {
+        name: benchmark.Runner(config, workload, device)
+        for name, config in (("fit", "c_keras_fit"), ("shipped", "e_kl_eager"),
+                             ("undone", "e_kl_eager"))
+    }
+    original = kl.KerasLightningModule
+    for _ in range(args.repeats):
+        for name, runner in runners.items():
+            benchmark.kl.KerasLightningModule = Undone if name == "undone" else original
+            runner.run(10, args.steps)
+    benchmark.kl.KerasLightningModule = original
+    fit = runners["fit"].cpu_rates
+    for name, runner in runners.items():
+        rates = runner.cpu_rates
+        ratio = statistics.median(r / f for r, f in zip(rates, fit, strict=True))
+        print(f"{name:8s} {statistics.median(rates):7.1f} steps per CPU-s   {ratio:.2f}x Keras fit")
+    shipped, undone = runners["shipped"].cpu_rates, runners["undone"].cpu_rates
+    gain = statistics.median(s / u for s, u in zip(shipped, undone, strict=True))
+    print(f"shipped / undone: {gain:.2f}x (median of per-round ratios)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Train torch-backend Keras 3 models with ``lightning.Trainer``.
+
+Importing this package selects Keras' torch backend when Keras is not imported yet, and
+checks it otherwise. Nothing else happens at import.
+"""
+
+from keras_lightning._backend import ensure_torch_backend
+
+ensure_torch_backend()
+
+from keras_lightning.checkpoint import (  # noqa: E402
+    AtomicCheckpointIO,
+    export_keras,
+    model_from_checkpoint,
+)
+from keras_lightning.custom_steps import flatten_logs  # noqa: E402
+from keras_lightning.exceptions import (  # noqa: E402
+    ArgumentTypeError,
+    BackendError,
+    BatchError,
+    CheckpointError,
+    ConfigurationError,
+    KerasLightningError,
+    ShapeMismatchError,
+)
+from keras_lightning.losses import KerasLoss, TorchLoss, keras_loss, torch_loss  # noqa: E402
+from keras_lightning.module import KerasLightningModule  # noqa: E402
+from keras_lightning.optimizers import KerasOptimizer  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgumentTypeError",
+    "AtomicCheckpointIO",
+    "BackendError",
+    "BatchError",
+    "CheckpointError",
+    "ConfigurationError",
+    "KerasLightningError",
+    "KerasLightningModule",
+    "KerasLoss",
+    "KerasOptimizer",
+    "ShapeMismatchError",
+    "TorchLoss",
+    "__version__",
+    "export_keras",
+    "flatten_logs",
+    "keras_loss",
+    "model_from_checkpoint",
+    "torch_loss",
+]

@@ -1,0 +1,195 @@
+"""Pure functions over batches: unpacking, output structure, class weights."""
+
+from __future__ import annotations
+
+from keras_lightning.exceptions import BatchError, ConfigurationError, ShapeMismatchError
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+
+def unpack_batch(batch: Any) -> tuple[Any, Any, Any]:
+    """Split a batch into ``(x, y, sample_weight)`` as Keras' ``fit`` does.
+
+    A tuple or list of one to three elements is ``(x,)``, ``(x, y)`` or
+    ``(x, y, sample_weight)``; anything else (a tensor, a dict) is ``x`` alone.
+
+    Example:
+        >>> import torch
+        >>> x, y, sw = unpack_batch([torch.zeros(2, 3), torch.ones(2)])
+        >>> tuple(x.shape), tuple(y.shape), sw
+        ((2, 3), (2,), None)
+
+    """
+    if isinstance(batch, list | tuple):
+        if len(batch) == 1:
+            return batch[0], None, None
+        if len(batch) == 2:
+            return batch[0], batch[1], None
+        if len(batch) == 3:
+            return batch[0], batch[1], batch[2]
+        raise BatchError(
+            f"A batch must be x, (x,), (x, y) or (x, y, sample_weight); received a "
+            f"{type(batch).__name__} of {len(batch)} elements. For a model with several "
+            "inputs, put them in one list or dict as the first element: ((x1, x2), y) or "
+            "({'a': xa, 'b': xb}, y)."
+        )
+    return batch, None, None
+
+
+def batch_size_of(x: Any) -> int:
+    """The number of samples in ``x`` (a tensor, or a list/dict of tensors)."""
+    first = x
+    while isinstance(first, Mapping | Sequence) and not isinstance(first, str):
+        if isinstance(first, Mapping):
+            if not first:
+                break
+            first = next(iter(first.values()))
+        else:
+            if not first:
+                break
+            first = first[0]
+    shape = getattr(first, "shape", None)
+    if not shape:
+        raise BatchError(
+            "Could not find the batch size: the model input x holds no tensor with a batch "
+            f"dimension (received {type(x).__name__}). Yield tensors of shape (batch, ...)."
+        )
+    return int(shape[0])
+
+
+def output_structure(y_pred: Any, model: Any) -> tuple[list[str], list[Any]]:
+    """Name and flatten the model output: a tensor, a list/tuple or a dict of tensors."""
+    if isinstance(y_pred, Mapping):
+        names = list(y_pred.keys())
+        return names, [y_pred[name] for name in names]
+    if isinstance(y_pred, list | tuple):
+        model_names = list(getattr(model, "output_names", None) or [])
+        if len(model_names) != len(y_pred):
+            model_names = [f"output_{i + 1}" for i in range(len(y_pred))]
+        return model_names, list(y_pred)
+    names = list(getattr(model, "output_names", None) or [])
+    return (names[:1] if len(names) == 1 else ["output"]), [y_pred]
+
+
+def align_targets(y: Any, names: list[str], argument: str = "y") -> list[Any]:
+    """Order targets like the outputs ``names``: ``y`` is a tensor, a list or a dict."""
+    if len(names) == 1:
+        if isinstance(y, Mapping):
+            if names[0] in y:
+                return [y[names[0]]]
+            if len(y) == 1:
+                return list(y.values())
+        if isinstance(y, list | tuple) and len(y) == 1:
+            return [y[0]]
+        return [y]
+    if isinstance(y, Mapping):
+        unknown = [key for key in y if key not in names]
+        if unknown:
+            raise ShapeMismatchError(
+                f"`{argument}` is a dict with keys {unknown} that match no model output; the "
+                f"outputs are {names}. Key the targets by output name."
+            )
+        return [y.get(name) for name in names]
+    if isinstance(y, list | tuple):
+        if len(y) != len(names):
+            raise ShapeMismatchError(
+                f"`{argument}` holds {len(y)} targets but the model has {len(names)} outputs "
+                f"{names}. Yield one target per output, as a list in output order or a dict "
+                "keyed by output name."
+            )
+        return list(y)
+    raise ShapeMismatchError(
+        f"The model has {len(names)} outputs {names}, but `{argument}` is a single "
+        f"{type(y).__name__}. Yield one target per output, as a list in output order or a "
+        "dict keyed by output name."
+    )
+
+
+def per_output(spec: Any, names: list[str], argument: str) -> list[Any]:
+    """Spread a per-output argument (``loss``, ``loss_weights``, ``metrics``) over outputs.
+
+    A single value applies to every output; a list/tuple gives one value per output; a dict
+    maps output names to values (outputs it does not name get ``None``).
+    """
+    if isinstance(spec, Mapping):
+        unknown = [key for key in spec if key not in names]
+        if unknown:
+            raise ConfigurationError(
+                f"`{argument}` has keys {unknown} that match no model output. The model's "
+                f"outputs are {names}: write `{argument}={{{names[0]!r}: ...}}`."
+            )
+        return [spec.get(name) for name in names]
+    if isinstance(spec, list | tuple) and len(names) > 1:
+        if len(spec) != len(names):
+            raise ConfigurationError(
+                f"`{argument}` is a list of {len(spec)} entries but the model has "
+                f"{len(names)} outputs {names}. Give one entry per output, or a dict keyed "
+                "by output name."
+            )
+        return list(spec)
+    return [spec for _ in names]
+
+
+def class_weight_tensor(class_weight: Mapping[int, float]) -> torch.Tensor:
+    """A lookup table ``weights[label]``: the given weight, 1.0 for classes not listed."""
+    size = max(class_weight) + 1
+    table = torch.ones(size, dtype=torch.float32)
+    for label, weight in class_weight.items():
+        table[label] = float(weight)
+    return table
+
+
+def class_weights_for(y: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights from labels, as Keras' ``class_weight`` defines them.
+
+    One-hot (or probability) targets use their argmax; a trailing dimension of 1 is squeezed;
+    labels are rounded to integers. Labels outside the table get weight 1.0.
+
+    Example:
+        >>> import torch
+        >>> table = class_weight_tensor({0: 1.0, 1: 3.0})
+        >>> class_weights_for(torch.tensor([0, 1, 1, 2]), table).tolist()
+        [1.0, 3.0, 3.0, 1.0]
+        >>> class_weights_for(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), table).tolist()
+        [3.0, 1.0]
+
+    """
+    labels = y
+    if labels.ndim > 1:
+        labels = labels.argmax(dim=-1) if labels.shape[-1] != 1 else labels.squeeze(-1)
+    if labels.is_floating_point():
+        labels = labels.round()
+    labels = labels.long().reshape(labels.shape[0], -1)[:, 0]
+    table = table.to(labels.device)
+    inside = (labels >= 0) & (labels < table.shape[0])
+    weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    weights[inside] = table[labels[inside]]
+    return weights
+
+
+def validate_class_weight(class_weight: Any) -> dict[int, float] | None:
+    """Check ``class_weight={class_index: weight}``."""
+    if class_weight is None:
+        return None
+    if not isinstance(class_weight, Mapping) or not class_weight:
+        raise ConfigurationError(
+            "`class_weight` must be a non-empty dict mapping class indices to weights, e.g. "
+            f"class_weight={{0: 1.0, 1: 5.0}}. Received: class_weight={class_weight!r}."
+        )
+    checked: dict[int, float] = {}
+    for label, weight in class_weight.items():
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise ConfigurationError(
+                f"`class_weight` keys must be class indices (int >= 0); received key {label!r}. "
+                "Write class_weight={0: 1.0, 1: 5.0}."
+            )
+        try:
+            checked[label] = float(weight)
+        except (TypeError, ValueError) as error:
+            raise ConfigurationError(
+                f"`class_weight[{label}]` must be a number; received {weight!r}."
+            ) from error
+    return checked

@@ -1,0 +1,29 @@
+"""The errors this package raises. Catch :class:`KerasLightningError` to catch them all."""
+
+
+class KerasLightningError(Exception):
+    """Base class of every error raised by ``keras_lightning``."""
+
+
+class BackendError(KerasLightningError, RuntimeError):
+    """Keras runs on a backend other than torch."""
+
+
+class ConfigurationError(KerasLightningError, ValueError):
+    """A constructor argument has the wrong value (unknown name, bad structure)."""
+
+
+class ArgumentTypeError(KerasLightningError, TypeError):
+    """A constructor argument has the wrong type."""
+
+
+class BatchError(KerasLightningError, ValueError):
+    """A batch from the dataloader does not have a structure the model can use."""
+
+
+class ShapeMismatchError(KerasLightningError, ValueError):
+    """The targets ``y`` cannot be matched with the model output."""
+
+
+class CheckpointError(KerasLightningError, ValueError):
+    """A checkpoint does not match the model it is loaded into, or cannot be loaded safely."""

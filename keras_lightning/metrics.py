@@ -1,0 +1,183 @@
+"""Keras metrics and torchmetrics with exact epoch values under Keras' names.
+
+A metric's epoch value is computed from its state accumulated over the whole epoch (and, in
+distributed runs, summed over every process), never as a mean of per-batch values.
+"""
+
+from __future__ import annotations
+
+from keras_lightning.data import per_output
+from keras_lightning.exceptions import ArgumentTypeError, ConfigurationError
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import torch
+import torchmetrics
+
+
+def _keras_metric_names() -> list[str]:
+    from keras.src.metrics import ALL_OBJECTS_DICT
+
+    return sorted(name for name in ALL_OBJECTS_DICT if name[0].islower())
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def check_metric_spec(spec: Any, argument: str) -> None:
+    """Fail early on metric entries that cannot be a metric (checked again on first batch)."""
+    if spec is None:
+        return
+    entries: list[Any]
+    if isinstance(spec, Mapping):
+        entries = [v for value in spec.values() for v in _as_list(value)]
+    else:
+        entries = [v for value in _as_list(spec) for v in _as_list(value)]
+    for entry in entries:
+        if entry is None:
+            continue
+        if isinstance(entry, str):
+            if entry.lower() in ("accuracy", "acc", "crossentropy", "ce"):
+                continue
+            try:
+                keras.metrics.get(entry)
+            except (ValueError, TypeError):
+                close = difflib.get_close_matches(entry, _keras_metric_names(), n=3)
+                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ConfigurationError(
+                    f"`{argument}` contains {entry!r}, which is not a Keras metric name.{hint} "
+                    "Use a name such as 'accuracy', 'mae', 'mse', 'auc', or a metric object "
+                    "(keras.metrics.AUC(), torchmetrics.Accuracy(...))."
+                ) from None
+        elif not isinstance(entry, keras.metrics.Metric | torchmetrics.Metric) and not callable(
+            entry
+        ):
+            raise ArgumentTypeError(
+                f"`{argument}` entries must be Keras metric names or objects, Keras metric "
+                f"functions, or torchmetrics.Metric objects; received {entry!r} of type "
+                f"{type(entry).__name__}."
+            )
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+@dataclass
+class BoundMetric:
+    """One metric bound to one model output, with the name it is logged under."""
+
+    name: str
+    metric: Any
+    output_index: int
+    weighted: bool
+
+    @property
+    def is_torchmetric(self) -> bool:
+        """True for a ``torchmetrics.Metric`` (called ``update(y_pred, y_true)``)."""
+        return isinstance(self.metric, torchmetrics.Metric)
+
+    def update(self, y_pred: Any, y_true: Any, sample_weight: torch.Tensor | None) -> None:
+        """Accumulate one batch."""
+        if self.is_torchmetric:
+            self.metric.update(y_pred, y_true)
+        elif self.weighted and sample_weight is not None:
+            self.metric.update_state(y_true, y_pred, sample_weight=sample_weight)
+        else:
+            self.metric.update_state(y_true, y_pred)
+
+    def reset(self) -> None:
+        """Forget the accumulated state."""
+        if self.is_torchmetric:
+            self.metric.reset()
+        else:
+            self.metric.reset_state()
+
+    def compute(self, all_reduce: Any = None) -> torch.Tensor:
+        """The value over everything accumulated; ``all_reduce`` sums Keras state across ranks.
+
+        torchmetrics synchronise themselves in ``compute()`` when a process group exists.
+        """
+        if self.is_torchmetric:
+            return self.metric.compute()
+        if all_reduce is not None:
+            for variable in self.metric.variables:
+                all_reduce(variable.value)
+        return self.metric.result()
+
+
+def _instantiate(identifier: Any, y_true: Any, y_pred: Any) -> tuple[str, Any]:
+    if isinstance(identifier, torchmetrics.Metric):
+        return _snake_case(type(identifier).__name__), identifier
+    from keras.src.trainers.compile_utils import get_metric
+
+    metric = get_metric(identifier, y_true, y_pred)
+    return metric.name, metric
+
+
+def _fresh_copy(metric: Any) -> Any:
+    if isinstance(metric, torchmetrics.Metric):
+        return metric.clone()
+    if isinstance(metric, keras.metrics.Metric):
+        return type(metric).from_config(metric.get_config())
+    return metric
+
+
+def bind_metrics(
+    metrics: Any,
+    weighted_metrics: Any,
+    names: list[str],
+    y_true: list[Any],
+    y_pred: list[Any],
+    copy: bool,
+) -> list[BoundMetric]:
+    """Resolve metric specs against the first batch's outputs (as Keras' compile does).
+
+    Args:
+        metrics: The ``metrics`` argument (list, per-output list, or dict by output name).
+        weighted_metrics: The ``weighted_metrics`` argument, same structure.
+        names: Output names.
+        y_true: Targets, one per output.
+        y_pred: Outputs, one per output.
+        copy: Use fresh copies of metric objects (for validation and test, so that they do not
+            share state with training).
+
+    """
+    bound: list[BoundMetric] = []
+    multi = len(names) > 1
+    for spec, weighted, argument in (
+        (metrics, False, "metrics"),
+        (weighted_metrics, True, "weighted_metrics"),
+    ):
+        if spec is None:
+            continue
+        if multi and isinstance(spec, list | tuple) and len(spec) != len(names):
+            per = [spec for _ in names]
+        else:
+            per = per_output(spec, names, argument)
+        for index, output_spec in enumerate(per):
+            for identifier in _as_list(output_spec):
+                if identifier is None:
+                    continue
+                name, metric = _instantiate(identifier, y_true[index], y_pred[index])
+                if copy:
+                    metric = _fresh_copy(metric)
+                if multi:
+                    name = f"{names[index]}_{name}"
+                bound.append(BoundMetric(name, metric, index, weighted))
+    seen: set[str] = set()
+    for item in bound:
+        if item.name in seen:
+            item.name = f"weighted_{item.name}" if item.weighted else item.name
+        seen.add(item.name)
+    return bound

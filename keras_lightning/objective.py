@@ -1,0 +1,155 @@
+"""The training objective: per-output losses, loss weights, class and sample weights, and
+``model.losses``, combined as Keras' ``compile`` defines it.
+"""
+
+from __future__ import annotations
+
+from keras_lightning.data import (
+    align_targets,
+    class_weight_tensor,
+    class_weights_for,
+    per_output,
+)
+from keras_lightning.exceptions import ConfigurationError, ShapeMismatchError
+from keras_lightning.losses import LossAdapter, resolve_loss
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+class Objective:
+    """Computes ``sum_i w_i * loss_i(y_pred_i, y_i, sample_weight) + sum(model.losses)``.
+
+    Loss specs are resolved on the first batch (Keras resolves ``"crossentropy"`` from the
+    shapes it sees); after that each call is a loop over the outputs.
+
+    Args:
+        loss: One loss for every output, a list (one per output) or a dict by output name.
+        loss_weights: Scalar coefficients, as a list or a dict by output name.
+        class_weight: ``{class_index: weight}``, for single-output models.
+
+    """
+
+    def __init__(
+        self,
+        loss: Any,
+        loss_weights: Any = None,
+        class_weight: Mapping[int, float] | None = None,
+    ) -> None:
+        self.loss_spec = loss
+        self.loss_weights_spec = loss_weights
+        self.class_weight = class_weight
+        self._class_table = class_weight_tensor(class_weight) if class_weight else None
+        self.names: list[str] | None = None
+        self.losses: list[LossAdapter | None] = []
+        self.weights: list[float] = []
+
+    @property
+    def resolved(self) -> bool:
+        """True once the first batch fixed the output names and losses."""
+        return self.names is not None
+
+    def resolve(self, names: list[str], y_true: list[Any], y_pred: list[Any]) -> None:
+        """Bind the loss specs to the model's outputs."""
+        specs = per_output(self.loss_spec, names, "loss") if self.loss_spec is not None else []
+        self.losses = [
+            None if spec is None else resolve_loss(spec, y_true[i], y_pred[i])
+            for i, spec in enumerate(specs)
+        ]
+        if self.loss_weights_spec is None:
+            self.weights = [1.0 for _ in names]
+        else:
+            weights = per_output(self.loss_weights_spec, names, "loss_weights")
+            self.weights = [1.0 if w is None else float(w) for w in weights]
+        if self.class_weight is not None and len(names) > 1:
+            raise ConfigurationError(
+                f"`class_weight` applies to single-output models; this model has outputs "
+                f"{names}. Pass per-sample weights as the third batch element instead: "
+                "(x, y, sample_weight)."
+            )
+        self.names = names
+
+    def sample_weight(self, y_true: Any, sample_weight: Any) -> torch.Tensor | None:
+        """Fold ``class_weight`` into the per-sample weights."""
+        if self._class_table is None:
+            return sample_weight
+        weights = class_weights_for(torch.as_tensor(y_true), self._class_table)
+        if sample_weight is None:
+            return weights
+        sample_weight = torch.as_tensor(sample_weight, device=weights.device)
+        return sample_weight * weights.reshape((-1,) + (1,) * (sample_weight.ndim - 1)).to(
+            sample_weight.dtype
+        )
+
+    def __call__(
+        self,
+        y_pred: list[Any],
+        y: Any,
+        sample_weight: Any,
+        extra_losses: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Total loss and the loss of each output (``None`` where an output has no loss)."""
+        assert self.names is not None
+        targets = align_targets(y, self.names) if y is not None else [None] * len(self.names)
+        total: torch.Tensor | None = None
+        parts: list[torch.Tensor | None] = []
+        for index, loss_fn in enumerate(self.losses):
+            if loss_fn is None:
+                parts.append(None)
+                continue
+            y_true = targets[index]
+            if y_true is None:
+                raise ShapeMismatchError(
+                    f"The loss {loss_fn.name!r} for output {self.names[index]!r} needs targets, "
+                    "but the batch has no y. Yield (x, y) batches, or pass loss=None for a "
+                    "model that only uses add_loss()."
+                )
+            weights = self.sample_weight(y_true, sample_weight)
+            value = _call_loss(loss_fn, y_pred[index], y_true, weights, self.names[index])
+            parts.append(value)
+            weighted = value * self.weights[index] if self.weights[index] != 1.0 else value
+            total = weighted if total is None else total + weighted
+        for extra in extra_losses:
+            total = extra if total is None else total + extra
+        if total is None:
+            raise ConfigurationError(
+                "There is no loss to minimize: `loss` is None and the model added no losses "
+                "(add_loss / regularizers). Pass loss=... to KerasLightningModule, e.g. "
+                "loss='mse' or loss=torch.nn.CrossEntropyLoss()."
+            )
+        return total, parts
+
+
+def _call_loss(
+    loss_fn: LossAdapter, y_pred: Any, y_true: Any, sample_weight: Any, output: str
+) -> torch.Tensor:
+    pred_shape = tuple(getattr(y_pred, "shape", ()))
+    true_shape = tuple(getattr(y_true, "shape", ()))
+    if pred_shape and true_shape and pred_shape[0] != true_shape[0]:
+        raise ShapeMismatchError(
+            f"Output {output!r} has batch size {pred_shape[0]} (shape {pred_shape}) but its "
+            f"targets y have {true_shape[0]} (shape {true_shape}). Yield x and y with the "
+            "same number of samples."
+        )
+    try:
+        return loss_fn(y_pred, y_true, sample_weight)
+    except (ValueError, RuntimeError, IndexError) as error:
+        hint = ""
+        if len(true_shape) + 1 == len(pred_shape) or (
+            len(true_shape) == len(pred_shape) and true_shape[-1:] == (1,) != pred_shape[-1:]
+        ):
+            hint = (
+                " y looks like integer class labels while the output has one column per "
+                "class: use 'sparse_categorical_crossentropy' (Keras) or "
+                "torch.nn.CrossEntropyLoss(), or one-hot encode y."
+            )
+        elif len(true_shape) == len(pred_shape) and true_shape != pred_shape:
+            hint = " Make y the same shape as the model output."
+        raise ShapeMismatchError(
+            f"The loss {loss_fn.name!r} ({loss_fn.convention} convention) could not compare "
+            f"output {output!r} of shape {pred_shape} (dtype {getattr(y_pred, 'dtype', '?')}) "
+            f"with targets y of shape {true_shape} (dtype {getattr(y_true, 'dtype', '?')}).{hint}"
+            f" The loss said: {error}"
+        ) from error

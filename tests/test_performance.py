@@ -1,0 +1,121 @@
+"""The low-overhead paths: the Keras optimizer's short update path, deferred step logging."""
+
+from __future__ import annotations
+
+import keras_lightning as kl
+
+import csv
+
+import keras
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import loader, make_trainer, mlp
+
+
+def _gradient_sequence(model: keras.Model, steps: int) -> list[list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        [torch.randn(tuple(v.shape), generator=generator) * 0.1 for v in model.trainable_variables]
+        for _ in range(steps)
+    ]
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda: keras.optimizers.Adam(1e-2),
+        lambda: keras.optimizers.Adam(1e-2, amsgrad=True),
+        lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.1),
+        lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+        lambda: keras.optimizers.RMSprop(1e-2),
+        lambda: keras.optimizers.Adam(1e-2, global_clipnorm=0.05),
+        lambda: keras.optimizers.Adam(1e-2, use_ema=True, ema_overwrite_frequency=3),
+        lambda: keras.optimizers.SGD(0.1, gradient_accumulation_steps=2),
+    ],
+    ids=["adam", "amsgrad", "adamw", "sgd-nesterov", "rmsprop", "clipnorm", "ema", "accumulate"],
+)
+def test_short_update_path_is_bit_equal_to_keras_apply(make_optimizer):
+    reference_model, model = mlp(seed=3), mlp(seed=3)
+    reference, optimizer = make_optimizer(), make_optimizer()
+    adapter = kl.KerasOptimizer(optimizer, model.trainable_variables)
+    steps = 7
+    for grads in _gradient_sequence(model, steps):
+        with torch.no_grad():
+            reference.apply([g.clone() for g in grads], reference_model.trainable_variables)
+        for param, grad in zip(adapter.param_groups[0]["params"], grads, strict=True):
+            param.grad = grad.clone()
+        adapter.step()
+    assert adapter._fast_apply is True  # the short path ran (from the second step on)
+    for ours, theirs in zip(model.variables, reference_model.variables, strict=True):
+        assert torch.equal(ours.value, theirs.value), ours.path
+    assert len(optimizer.variables) == len(reference.variables)
+    for ours, theirs in zip(optimizer.variables, reference.variables, strict=True):
+        assert torch.equal(ours.value, theirs.value), ours.path
+    assert int(optimizer.iterations) == int(reference.iterations) > 0
+
+
+def test_constrained_variables_keep_keras_apply():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, kernel_constraint=keras.constraints.NonNeg())]
+    )
+    adapter = kl.KerasOptimizer(keras.optimizers.SGD(0.5), model.trainable_variables)
+    for _ in range(2):
+        loss = model(torch.ones(2, 4)).sum()
+        loss.backward()
+        adapter.step()
+        for param in adapter.param_groups[0]["params"]:
+            param.grad = None
+    assert adapter._fast_apply is False
+    assert float(model.layers[0].kernel.value.min()) >= 0.0  # the constraint was applied
+
+
+class StepLosses(L.Callback):
+    def __init__(self) -> None:
+        self.at_epoch_end: list[float] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.at_epoch_end.append(float(trainer.callback_metrics["loss"]))
+
+
+def test_step_loss_is_logged_where_it_is_read(digits, tmp_path):
+    x, y = digits["x_train"][:320], digits["y_train"][:320]  # 10 batches of 32
+    module = kl.KerasLightningModule(
+        mlp(), optimizer="sgd", loss=torch.nn.CrossEntropyLoss()
+    )
+    logged_steps: list[int] = []
+    original_log = module.log
+
+    def spy(name, value, *args, **kwargs):
+        if name == "loss" and kwargs.get("on_step"):
+            logged_steps.append(module.trainer.fit_loop.epoch_loop.batch_idx)
+        return original_log(name, value, *args, **kwargs)
+
+    module.log = spy  # type: ignore[method-assign]
+    record = StepLosses()
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    trainer = make_trainer(max_epochs=2, logger=logger, log_every_n_steps=4, callbacks=[record])
+    trainer.fit(module, loader(x, y))
+    # First and last batch of each epoch, and the steps the logger writes (every 4th).
+    assert logged_steps == [0, 3, 7, 9, 0, 1, 5, 9]
+    with open(next(tmp_path.rglob("metrics.csv"))) as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("loss")]
+    written_steps = sorted({int(row["step"]) for row in rows})
+    assert {3, 7, 11, 15} <= set(written_steps)  # plus the epoch means at steps 9 and 19
+    # Callbacks see the last batch's loss at epoch end; the module then logs the exact mean.
+    assert len(record.at_epoch_end) == 2
+    assert float(trainer.callback_metrics["loss"]) != record.at_epoch_end[-1]
+
+
+def test_progress_bar_gets_the_loss_every_step(digits):
+    x, y = digits["x_train"][:96], digits["y_train"][:96]
+    module = kl.KerasLightningModule(mlp(), optimizer="sgd", loss=torch.nn.CrossEntropyLoss())
+    calls = []
+    original_log = module.log
+    module.log = lambda name, *a, **k: (calls.append(name), original_log(name, *a, **k))[1]
+    trainer = make_trainer(max_epochs=1, enable_progress_bar=True)
+    trainer.fit(module, loader(x, y))
+    assert calls.count("loss") == 3 + 1  # 3 steps, then the epoch mean
+    assert np.isfinite(float(trainer.progress_bar_metrics["loss"]))
