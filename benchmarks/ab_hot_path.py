@@ -32,7 +32,7 @@ class Undone(kl.KerasLightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = super().configure_optimizers()
         if isinstance(optimizer, kl.KerasOptimizer):
-            optimizer._fast_apply = False  # always keras_optimizer.apply(...)
+            optimizer._update_path = "apply"  # always keras_optimizer.apply(...)
         return optimizer
 
 

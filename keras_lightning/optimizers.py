@@ -8,14 +8,6 @@ update itself is Keras' ``optimizer.apply(grads, variables)``.
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
-
-import keras
-import torch
-
 from keras_lightning.distributed import (
     keras_default_device,
     keras_device,
@@ -24,6 +16,14 @@ from keras_lightning.distributed import (
 )
 from keras_lightning.exceptions import ArgumentTypeError, CheckpointError, ConfigurationError
 from keras_lightning.precision import check_keras_optimizer
+
+import contextlib
+import difflib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import keras
+import torch
 
 _KERAS_OPTIMIZER_NAMES = (
     "adadelta",
@@ -70,6 +70,7 @@ class KerasOptimizer(torch.optim.Optimizer):
         >>> opt.step()
         >>> int(opt.keras_optimizer.iterations)
         1
+
     """
 
     def __init__(self, keras_optimizer: Any, variables: Sequence[Any]) -> None:
@@ -94,7 +95,8 @@ class KerasOptimizer(torch.optim.Optimizer):
         self._device = self._params[0].device
         place_variables(keras_optimizer.variables, self._device)
         self._scoped: bool | None = None
-        self._fast_apply: bool | None = None
+        self._update_path: str | None = None  # decided once the Keras optimizer is built
+        self._direct_update: _DirectUpdate | None = None
         self._lr_is_schedule = isinstance(
             keras_optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule
         )
@@ -136,28 +138,61 @@ class KerasOptimizer(torch.optim.Optimizer):
             self.param_groups[0]["lr"] = self._current_keras_lr()
         return loss
 
+    @property
+    def update_path(self) -> str | None:
+        """How :meth:`step` runs the Keras update; None until the optimizer is built.
+
+        - ``"adam"`` / ``"sgd"``: Keras' own torch update for ``Adam`` / ``AdamW`` / ``SGD``,
+          op for op, without Keras' per-op dispatch (:class:`_DirectUpdate`);
+        - ``"short"``: ``_backend_apply_gradients`` and ``iterations += 1``, without the set-up
+          of ``apply`` (clipping, EMA, gradient accumulation and other optimizers);
+        - ``"apply"``: ``keras_optimizer.apply(grads, variables)`` (``LossScaleOptimizer``,
+          constrained variables, optimizers that override ``apply``).
+
+        All three are bit-identical to ``apply`` (``tests/test_performance.py``).
+        """
+        return self._update_path
+
     def _apply(self, grads: list[torch.Tensor], variables: list[Any]) -> None:
-        """``keras_optimizer.apply(grads, variables)``, without its per-call set-up.
+        """``keras_optimizer.apply(grads, variables)``, by the shortest exact path.
 
         Once the optimizer is built, for an optimizer that uses ``BaseOptimizer.apply`` with
         no loss scaling, and variables without constraints or ``overwrite_with_gradient``,
         ``apply`` reduces to ``_backend_apply_gradients`` (the update, with clipping, weight
-        decay, EMA and gradient accumulation) and ``iterations += 1``: that is all this does,
-        skipping the name scopes, list copies and the variable and empty-gradient filters
-        (``step`` filters gradients already). Anything else goes through ``apply``.
-        Bit-equality with ``apply`` is tested in ``tests/test_compiled.py``.
+        decay, EMA and gradient accumulation) and ``iterations += 1``, skipping the name
+        scopes, list copies and the variable and empty-gradient filters (``step`` filters
+        gradients already). Without clipping, EMA or accumulation, Keras' torch ``Adam`` and
+        ``SGD`` updates reduce further to their ``torch._foreach`` ops (:class:`_DirectUpdate`).
         """
         optimizer = self.keras_optimizer
-        if self._fast_apply is None:
+        if self._update_path is None:
             if not optimizer.built:
                 optimizer.apply(grads, variables)  # builds the slots; decide next time
                 return
-            self._fast_apply = _fast_apply_is_exact(optimizer, self.variables)
-        if self._fast_apply and optimizer.loss_scale_factor is None:
+            self._update_path = _update_path_for(optimizer, self.variables)
+            if self._update_path in _DirectUpdate.KINDS:
+                self._direct_update = _DirectUpdate(optimizer, self.variables, self._update_path)
+        path = self._update_path if optimizer.loss_scale_factor is None else "apply"
+        if path == "apply":
+            optimizer.apply(grads, variables)
+        elif path == "short":
             optimizer._backend_apply_gradients(grads, variables)
             optimizer._iterations.assign_add(1)
         else:
-            optimizer.apply(grads, variables)
+            assert self._direct_update is not None
+            self._direct_update(grads, variables)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients (``set_to_none=True``, the default) or zero them in place.
+
+        The default skips ``torch.optim.Optimizer.zero_grad``'s profiler record and grouping,
+        which cost more than the work on small models.
+        """
+        if not set_to_none:
+            super().zero_grad(set_to_none=False)
+            return
+        for param in self._params:
+            param.grad = None
 
     def _keras_scope(self) -> Any:
         """Keras on the weights' device (they may have moved since construction)."""
@@ -225,21 +260,189 @@ class KerasOptimizer(torch.optim.Optimizer):
         self._synced_lr = None
 
 
-def _fast_apply_is_exact(optimizer: Any, variables: Sequence[Any]) -> bool:
-    """Whether :meth:`KerasOptimizer._apply`'s short path does exactly what ``apply`` does."""
+def _update_path_for(optimizer: Any, variables: Sequence[Any]) -> str:
+    """The :attr:`KerasOptimizer.update_path` that does exactly what ``apply`` does."""
     from keras.src.optimizers.base_optimizer import BaseOptimizer
 
     if getattr(type(optimizer), "apply", None) is not BaseOptimizer.apply:
-        return False  # e.g. LossScaleOptimizer: its own apply
+        return "apply"  # e.g. LossScaleOptimizer: its own apply
     if not hasattr(optimizer, "_backend_apply_gradients") or not hasattr(optimizer, "_iterations"):
-        return False
+        return "apply"
     known = getattr(optimizer, "_trainable_variables_indices", {})
-    return all(
+    if not all(
         optimizer._var_key(v) in known
         and getattr(v, "constraint", None) is None
         and not getattr(v, "overwrite_with_gradient", False)
         for v in variables
-    )
+    ):
+        return "apply"
+    return _DirectUpdate.kind_for(optimizer) or "short"
+
+
+class _DirectUpdate:
+    """Keras' torch ``Adam`` / ``SGD`` update, op for op, without Keras' per-op dispatch.
+
+    Keras' torch backend already updates with ``torch._foreach`` ops
+    (``keras/src/backend/torch/optimizers/torch_adam.py`` and ``torch_sgd.py``); around them,
+    each step converts and casts the learning rate, step count and betas through Keras ops and
+    looks up every slot by variable: on the guides' MLP that dispatch cost more than the
+    update itself. This runs the same torch ops in the same order on the same dtypes (so the
+    result is bit-identical), with the slots looked up once. Used only when
+    ``_backend_apply_gradients`` would do nothing else: no clipping, no EMA, no gradient
+    accumulation, and none of the methods involved overridden by a subclass.
+    """
+
+    KINDS = ("adam", "sgd")
+
+    @staticmethod
+    def kind_for(optimizer: Any) -> str | None:
+        try:
+            from keras.src.backend.torch.optimizers import (
+                torch_adam,
+                torch_optimizer,
+                torch_parallel_optimizer,
+                torch_sgd,
+            )
+            from keras.src.optimizers.base_optimizer import BaseOptimizer
+        except ImportError:  # another Keras layout: keep the short path
+            return None
+        cls = type(optimizer)
+        untouched = (
+            cls._backend_apply_gradients is BaseOptimizer._backend_apply_gradients
+            and cls._backend_update_step
+            is torch_parallel_optimizer.TorchParallelOptimizer._backend_update_step
+            and cls._clip_gradients is BaseOptimizer._clip_gradients
+            and cls._apply_weight_decay is torch_optimizer.TorchOptimizer._apply_weight_decay
+            and cls._get_current_learning_rate is BaseOptimizer._get_current_learning_rate
+        )
+        plain = not (
+            optimizer.gradient_accumulation_steps
+            or optimizer.use_ema
+            or optimizer.clipnorm
+            or optimizer.clipvalue
+            or optimizer.global_clipnorm
+        )
+        if not (untouched and plain):
+            return None
+        if cls._parallel_update_step is torch_adam.Adam._parallel_update_step:
+            return "adam"
+        if cls._parallel_update_step is torch_sgd.SGD._parallel_update_step:
+            return "sgd"
+        return None
+
+    def __init__(self, optimizer: Any, variables: Sequence[Any], kind: str) -> None:
+        self.optimizer = optimizer
+        self.kind = kind
+        self.count = len(variables)
+        self._constants: dict[Any, torch.Tensor] = {}
+        if kind == "adam":
+            self._all_slots = self._adam_slots(variables)
+        else:
+            self._all_slots = self._sgd_slots(variables)
+
+    def _adam_slots(self, variables: Sequence[Any]) -> tuple[list[Any], ...]:
+        optimizer = self.optimizer
+        index = [optimizer._get_variable_index(v) for v in variables]
+        hats = [optimizer._velocity_hats[i] for i in index] if optimizer.amsgrad else []
+        return (
+            [optimizer._momentums[i] for i in index],
+            [optimizer._velocities[i] for i in index],
+            hats,
+        )
+
+    def _sgd_slots(self, variables: Sequence[Any]) -> tuple[list[Any], ...]:
+        optimizer = self.optimizer
+        if optimizer.momentum == 0:
+            return ([],)
+        return ([optimizer.momentums[optimizer._get_variable_index(v)] for v in variables],)
+
+    def _constant(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        # keras.ops.cast(python_float, dtype): a tensor made once, not on every step.
+        key = (value, dtype, device)
+        tensor = self._constants.get(key)
+        if tensor is None:
+            tensor = self._constants[key] = torch.as_tensor(value, dtype=dtype, device=device)
+        return tensor
+
+    def __call__(self, grads: list[torch.Tensor], variables: list[Any]) -> None:
+        optimizer = self.optimizer
+        if len(variables) == self.count:
+            slots = self._all_slots
+        elif self.kind == "adam":  # some variables got no gradient this step
+            slots = self._adam_slots(variables)
+        else:
+            slots = self._sgd_slots(variables)
+        if optimizer.weight_decay is not None:
+            optimizer._apply_weight_decay(variables)
+        values = [_parameter_of(v) for v in variables]
+        if self.kind == "adam":
+            self._adam(grads, values, *slots)
+        else:
+            self._sgd(grads, values, *slots)
+        optimizer._iterations._value.add_(1)
+
+    def _learning_rate(self, dtype: torch.dtype) -> torch.Tensor:
+        # keras.ops.cast(optimizer.learning_rate, dtype)
+        lr = self.optimizer._get_current_learning_rate()
+        if isinstance(lr, keras.Variable):
+            lr = _parameter_of(lr)
+        if isinstance(lr, torch.Tensor):
+            return lr if lr.dtype == dtype else lr.to(dtype)
+        return keras.ops.cast(lr, dtype)
+
+    def _adam(
+        self,
+        grads: list[torch.Tensor],
+        values: list[torch.Tensor],
+        momentums: list[Any],
+        velocities: list[Any],
+        velocity_hats: list[Any],
+    ) -> None:
+        # torch_adam.Adam._parallel_update_step, with Keras ops replaced by the torch ops they run.
+        optimizer = self.optimizer
+        dtype, device = values[0].dtype, values[0].device
+        lr = self._learning_rate(dtype)
+        local_step = (_parameter_of(optimizer._iterations) + 1).to(dtype)
+        beta_1, beta_2 = optimizer.beta_1, optimizer.beta_2
+        beta_1_power = torch.pow(self._constant(beta_1, dtype, device), local_step)
+        beta_2_power = torch.pow(self._constant(beta_2, dtype, device), local_step)
+        alpha = lr * torch.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        m_list = [_parameter_of(m) for m in momentums]
+        v_list = [_parameter_of(v) for v in velocities]
+        torch._foreach_mul_(m_list, beta_1)
+        torch._foreach_add_(m_list, grads, alpha=1 - beta_1)
+        torch._foreach_mul_(v_list, beta_2)
+        torch._foreach_add_(v_list, torch._foreach_mul(grads, grads), alpha=1 - beta_2)
+        if optimizer.amsgrad:
+            v_hat_list = [_parameter_of(v) for v in velocity_hats]
+            torch._foreach_maximum_(v_hat_list, v_list)
+            v_list = v_hat_list
+        torch._foreach_add_(
+            values,
+            torch._foreach_div(
+                torch._foreach_mul(m_list, alpha),
+                torch._foreach_add(torch._foreach_sqrt(v_list), optimizer.epsilon),
+            ),
+            alpha=-1,
+        )
+
+    def _sgd(
+        self, grads: list[torch.Tensor], values: list[torch.Tensor], momentums: list[Any]
+    ) -> None:
+        # torch_sgd.SGD._parallel_update_step; Keras passes the learning-rate variable itself.
+        optimizer = self.optimizer
+        learning_rate = optimizer.learning_rate
+        if optimizer.momentum == 0:
+            torch._foreach_add_(values, grads, alpha=-learning_rate)
+            return
+        bufs = [_parameter_of(m) for m in momentums]
+        torch._foreach_mul_(bufs, optimizer.momentum)
+        torch._foreach_add_(bufs, grads, alpha=-learning_rate)
+        if optimizer.nesterov:
+            torch._foreach_add_(values, grads, alpha=-learning_rate)
+            torch._foreach_add_(values, bufs, alpha=optimizer.momentum)
+        else:
+            torch._foreach_add_(values, bufs)
 
 
 def resolve_optimizer(
@@ -252,6 +455,7 @@ def resolve_optimizer(
             class, or a callable ``params -> torch.optim.Optimizer``.
         model: The Keras model whose trainable variables are optimized.
         argument: The argument name shown in error messages.
+
     """
     if isinstance(spec, str):
         return KerasOptimizer(_keras_optimizer_from_name(spec, argument), model.trainable_variables)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import keras_lightning as kl
-from keras_lightning.compiled import CompiledStep, install_dynamo_shims, resolve_compile
+from keras_lightning.compiled import (
+    CompiledStep,
+    drop_no_op_conversions,
+    install_dynamo_shims,
+    resolve_compile,
+)
 
 import keras
 import lightning as L
@@ -204,3 +209,35 @@ def test_user_errors_are_not_swallowed_by_the_fallback():
     with pytest.raises(kl.ShapeMismatchError, match="bad targets"):
         step(torch.ones(2))
     assert step.active
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_dropping_no_op_conversions_keeps_the_graph_exact(autocast):
+    """The graph dynamo captures from a Keras forward and loss, with and without the cleanup."""
+    model = regularized_mlp(seed=1)
+    loss = keras.losses.CategoricalCrossentropy(from_logits=True)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.nn.functional.one_hot(torch.arange(16) % 10, 10).float()
+    captured = []
+
+    def record(graph_module, example_inputs):
+        captured.append((graph_module, example_inputs))
+        return graph_module.forward
+
+    def step(x, y):
+        return loss(y, model(x, training=True)) + sum(model.losses)
+
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.compile(step, backend=record)(x, y)
+        (graph, inputs), = captured
+        before = [n.target for n in graph.graph.nodes if n.op == "call_method"]
+        expected = graph(*inputs)
+        removed = drop_no_op_conversions(graph)
+        after = [n.target for n in graph.graph.nodes if n.op == "call_method"]
+        result = graph(*inputs)
+    assert removed >= 10  # Keras' convert_to_tensor around every op
+    assert 0 < after.count("to") < before.count("to")  # real conversions stay
+    for ours, theirs in zip(result, expected, strict=True):
+        assert ours.dtype == theirs.dtype
+        assert torch.equal(ours, theirs)

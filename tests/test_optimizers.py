@@ -187,3 +187,15 @@ def test_callable_returning_something_else_is_refused(digits):
     )
     with pytest.raises(kl.ArgumentTypeError, match="returned str, not a torch.optim.Optimizer"):
         make_trainer(max_steps=1).fit(module, loader(digits["x_train"][:8], digits["y_train"][:8]))
+
+
+def test_zero_grad_drops_or_zeroes_the_gradients(digits):
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    adapter = kl.KerasOptimizer(keras.optimizers.SGD(0.1), model.trainable_variables)
+    params = adapter.param_groups[0]["params"]
+    model(torch.as_tensor(digits["x_train"][:8])).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    adapter.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+    adapter.zero_grad()
+    assert all(p.grad is None for p in params)
