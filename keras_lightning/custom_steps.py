@@ -265,6 +265,22 @@ def _world_size() -> int:
     return int(torch.distributed.get_world_size())
 
 
+def global_metric_results(metrics: list[Any]) -> dict[str, torch.Tensor]:
+    """``{name: result()}`` of Keras metrics over every process: their states summed first.
+
+    A Keras metric's state is totals and counts (``Mean``: total and count; ``MeanAbsoluteError``
+    through ``MeanMetricWrapper``: the same; ``AUC``, ``Precision``: confusion counts), so the
+    sum over ranks of each state variable is the state of one metric that saw every rank's
+    batches, and its ``result()`` is the exact global value, not a mean of per-rank results.
+    The states stay summed (the caller logs them at epoch end; the next epoch resets them).
+    Nested results (``compile_metrics``) are flattened as Keras' ``fit`` does.
+    """
+    for metric in metrics:
+        for variable in metric.variables:
+            torch.distributed.all_reduce(variable.value, op=torch.distributed.ReduceOp.SUM)
+    return flatten_logs({metric.name: metric.result() for metric in metrics})
+
+
 def average_gradients(grads: list[Any], world_size: int) -> list[Any]:
     """All-reduce ``grads`` (one flat buffer per dtype) and divide by ``world_size``."""
     averaged = list(grads)
@@ -448,15 +464,15 @@ class CustomStepsMixin:
         if stage == "train" or not self.uses_keras_test_step():
             return
         prefix = {"val": "val_", "test": "test_"}[stage]
-        distributed = _world_size() > 1
-        for name, value in self._custom_logs.get(stage, {}).items():
+        values, synced = self._epoch_values(stage)
+        for name, value in values.items():
             module.log(
                 prefix + name,
                 value,
                 prog_bar=name == "loss",
                 on_step=False,
                 on_epoch=True,
-                sync_dist=distributed,
+                sync_dist=name not in synced,
             )
         if stage == "val" and self._custom_metric_snapshot is not None:
             restore_metrics(list(module.require_model().metrics), self._custom_metric_snapshot)
@@ -468,11 +484,39 @@ class CustomStepsMixin:
         if not self.uses_keras_train_step():
             return
         module: Any = self
-        distributed = _world_size() > 1
-        for name, value in self._custom_logs.get("train", {}).items():
+        values, synced = self._epoch_values("train")
+        for name, value in values.items():
             module.log(
-                name, value, prog_bar=True, on_step=False, on_epoch=True, sync_dist=distributed
+                name,
+                value,
+                prog_bar=True,
+                on_step=False,
+                on_epoch=True,
+                sync_dist=name not in synced,
             )
+
+    def _epoch_values(self, stage: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """The last logs of ``stage``'s Keras step, exact over all processes where possible.
+
+        With one process they are logged as returned. Under DDP, a returned value whose name
+        is one of ``model.metrics`` (the guides' ``{m.name: m.result() for m in
+        self.metrics}``) is recomputed from the metrics' states summed over ranks
+        (:func:`global_metric_results`); other values (a raw loss tensor) fall back to the
+        mean over ranks. Returns the values and the names already global.
+        """
+        values = dict(self._custom_logs.get(stage, {}))
+        if _world_size() == 1:
+            return values, set(values)
+        module: Any = self
+        with torch.no_grad(), module.keras_scope():
+            exact = global_metric_results(list(module.require_model().metrics))
+        synced = set()
+        for name in values:
+            result = exact.get(name)
+            if isinstance(result, torch.Tensor) and result.numel() == 1:
+                values[name] = result.reshape(()).to(module.device)
+                synced.add(name)
+        return values, synced
 
     # ------------------------------------------------------------ Keras side: set-up
 

@@ -657,6 +657,68 @@ def test_gan_under_ddp_keeps_weights_identical_across_ranks(tmp_path):
         assert not np.allclose(ranks[0][key], init[key]), key
 
 
+EVAL_DDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import keras_lightning as kl
+import keras, lightning as L, torch
+from test_custom_steps import EvalStepModel, dense_model, regression_data
+
+x, y = regression_data(n=100)
+model = dense_model(EvalStepModel)  # the same seed, so the same weights, on both ranks
+model.compile(loss="mse", metrics=["mae"])
+trainer = L.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+    enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+)
+# Uneven shards, as the last shard of a real dataset is: rank 0 has 60 samples, rank 1 has 40.
+rank = int(trainer.global_rank)
+part = slice(0, 60) if rank == 0 else slice(60, 100)
+data = torch.utils.data.DataLoader(
+    torch.utils.data.TensorDataset(torch.as_tensor(x[part]), torch.as_tensor(y[part])),
+    batch_size=16,
+)
+module = kl.KerasLightningModule(model)
+(validated,) = trainer.validate(module, data, verbose=False)
+(tested,) = trainer.test(module, data, verbose=False)
+with open(f"{out}/rank{{rank}}.json", "w") as f:
+    json.dump({{"val": validated, "test": tested}}, f)
+"""
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_custom_test_step_under_ddp_logs_exact_global_metrics(tmp_path):
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(EVAL_DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    import json
+
+    logged = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    x, y = regression_data(n=100)
+    model = dense_model(EvalStepModel)
+    kernel, bias = (keras.ops.convert_to_numpy(v) for v in model.weights)
+    error = x @ kernel + bias - y
+    shards = (error[:60], error[60:])
+    batch_mse = [np.mean(s[i : i + 16] ** 2) for s in shards for i in range(0, len(s), 16)]
+    expected = {"loss": float(np.mean(batch_mse)), "mae": float(np.abs(error).mean())}
+    # What a mean of the two ranks' own results would give instead: not the global value.
+    per_rank_mae = np.mean([np.abs(s).mean() for s in shards])
+    assert abs(per_rank_mae - expected["mae"]) > 1e-3
+    for stage, prefix in (("val", "val_"), ("test", "test_")):
+        for rank in (0, 1):
+            values = logged[rank][stage]
+            assert values == pytest.approx(
+                {prefix + name: value for name, value in expected.items()}, rel=1e-5
+            ), (stage, rank)
+
+
 # ---------------------------------------------------------------------- Lightning side
 
 
