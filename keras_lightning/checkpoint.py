@@ -592,6 +592,9 @@ def _make_backend_portable(path: Path) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic on every local filesystem.
 
+    ``KerasLightningModule`` puts it in place of Lightning's default writer when training
+    starts (:func:`use_atomic_writes`); pass it as a plugin to any other module.
+
     Lightning writes a checkpoint to a temporary file in the system temp directory and moves
     it into place. When that directory is on another filesystem than the checkpoints (``/tmp``
     on tmpfs, checkpoints on a disk or a network mount), the move is a copy onto the target
@@ -641,6 +644,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
             with contextlib.suppress(OSError):
                 stale.unlink()
+
+
+def use_atomic_writes(trainer: Any) -> None:
+    """Give ``trainer`` an :class:`AtomicCheckpointIO` where it would use Lightning's default.
+
+    Only when no checkpoint writer was chosen (``Trainer(plugins=[...])`` or the strategy's
+    ``checkpoint_io``): a writer the user passed, including Lightning's own
+    ``TorchCheckpointIO()``, is kept. Called from ``KerasLightningModule.setup``, before any
+    checkpoint is written or read.
+    """
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is not None and getattr(strategy, "_checkpoint_io", False) is None:
+        strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def _is_local(fs: Any) -> bool:

@@ -400,6 +400,7 @@ class KerasLightningModule(CustomStepsMixin, L.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         distributed.move_to_lightning_device(self, self._trainer)  # configure_model builds there
+        checkpoints.use_atomic_writes(self._trainer)  # a killed write keeps the last checkpoint
 
     @override
     def configure_callbacks(self) -> Any:

@@ -430,6 +430,30 @@ def test_atomic_checkpoint_io_trains_and_resumes(digits: dict, tmp_path: Path) -
     np.testing.assert_allclose(predict(resumed, x), predict(reference, x), atol=1e-6)
 
 
+@pytest.mark.parametrize("given", [None, "lightning"], ids=["default", "user-chosen"])
+def test_the_module_writes_atomically_unless_a_writer_was_chosen(
+    digits: dict, tmp_path: Path, given: str | None
+) -> None:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    plugins = [] if given is None else [TorchCheckpointIO()]
+    trainer = make_trainer(
+        max_epochs=1, plugins=plugins, enable_checkpointing=True, default_root_dir=tmp_path,
+        limit_train_batches=2,
+    )
+    module = kl.KerasLightningModule(mlp(), optimizer="adam", loss=SCCE)
+    trainer.fit(module, loader(digits["x_train"], digits["y_train"]))
+    writer = type(trainer.strategy.checkpoint_io)
+    assert writer is (kl.AtomicCheckpointIO if given is None else TorchCheckpointIO)
+    (written,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    assert [p.name for p in written.parent.iterdir()] == [written.name]
+    np.testing.assert_allclose(
+        predict(kl.KerasLightningModule.load_from_checkpoint(written), digits["x_val"]),
+        predict(module, digits["x_val"]),
+        atol=0,
+    )
+
+
 # ---------------------------------------------------------------------- 3. load_from_checkpoint
 
 
