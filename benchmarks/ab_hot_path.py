@@ -1,8 +1,9 @@
 """A/B of the wrapper's hot-path changes, in one process: (e) as shipped vs (e) with them undone.
 
 "undone" restores the earlier behaviour: ``self.log`` of the step loss on every step, and
-``keras_optimizer.apply`` on every step instead of the short update path. Same interleaving
-and CPU-time basis as ``benchmark.py``.
+``keras_optimizer.apply`` on every step instead of the short update paths. Same interleaving
+and CPU-time basis as ``benchmark.py``. Then the Keras Adam update of the MLP alone, through
+each :attr:`KerasOptimizer.update_path` ("apply", "short", "adam"), interleaved the same way.
 
     python benchmarks/ab_hot_path.py [--repeats 9]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import keras_lightning as kl  # noqa: E402
 
 import benchmark  # noqa: E402
+import keras  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -64,6 +67,34 @@ def main() -> None:
     shipped, undone = runners["shipped"].cpu_rates, runners["undone"].cpu_rates
     gain = statistics.median(s / u for s, u in zip(shipped, undone, strict=True))
     print(f"shipped / undone: {gain:.2f}x (median of per-round ratios)")
+    update_paths(workload, args.repeats)
+
+
+def update_paths(workload: benchmark.Workload, repeats: int, calls: int = 500) -> None:
+    """CPU time of one Keras Adam update of the workload's model, by update path."""
+    model = workload.keras_model()
+    adapters = {}
+    for path in ("apply", "short", "adam"):
+        adapter = kl.KerasOptimizer(keras.optimizers.Adam(benchmark.LR), model.trainable_variables)
+        for param in adapter.param_groups[0]["params"]:
+            param.grad = torch.randn_like(param) * 1e-3
+        adapter.step()  # builds the slots
+        adapter.step()  # picks the path
+        assert adapter.update_path == "adam"
+        adapter._update_path = path
+        adapters[path] = adapter
+    times: dict[str, list[float]] = {path: [] for path in adapters}
+    for _ in range(repeats):
+        for path, adapter in adapters.items():
+            started = time.process_time()
+            for _ in range(calls):
+                adapter.step()
+            times[path].append((time.process_time() - started) / calls * 1e6)
+    apply = times["apply"]
+    for path, values in times.items():
+        ratio = statistics.median(a / v for a, v in zip(apply, values, strict=True))
+        print(f"update path {path:6s} {statistics.median(values):7.1f} us per update   "
+              f"{ratio:.2f}x faster than apply")
 
 
 if __name__ == "__main__":

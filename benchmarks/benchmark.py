@@ -689,7 +689,8 @@ def plot(device_name: str, results: dict[str, Any], path: Path, basis: str) -> N
         rates = [table[n][basis] for n in names]
         colors = [
             "#999999" if n.startswith("z_")
-            else "#4c72b0" if n.startswith(("a_", "d_")) else "#dd8452" if n.startswith(("b_", "c_"))
+            else "#4c72b0" if n.startswith(("a_", "d_"))
+            else "#dd8452" if n.startswith(("b_", "c_"))
             else "#8fd19e" if n.endswith("torch_adam") else "#55a868" for n in names
         ]
         bars = axis.barh([LABELS[n] for n in names], rates, color=colors)
@@ -738,8 +739,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated subset of: " + ", ".join((*CONFIGS, INDUCTOR)))
     parser.add_argument("--conv-jit", action="store_true",
-                        help="also run Keras fit(jit_compile=True) (and f_kl_inductor) on the conv workload (see "
-                        "CONV_JIT_SKIPPED: it may not finish)")
+                        help="also run Keras fit(jit_compile=True) and f_kl_inductor on the conv "
+                        "workload (see CONV_JIT_SKIPPED: they may not finish)")
     parser.add_argument("--inductor", action="store_true",
                         help=f"also run {INDUCTOR} (tens of seconds of compilation)")
     args = parser.parse_args(argv)

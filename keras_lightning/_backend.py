@@ -1,10 +1,10 @@
 """Make sure Keras runs on the torch backend, before anything imports it."""
 
+from keras_lightning.exceptions import BackendError
+
 import os
 import sys
 import warnings
-
-from keras_lightning.exceptions import BackendError
 
 
 def ensure_torch_backend() -> None:

@@ -2,16 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
-
-import keras
-import lightning as L
-import torch
-import torchmetrics
-from typing_extensions import override
-
 from keras_lightning import checkpoint as checkpoints
 from keras_lightning import distributed, precision
 from keras_lightning.compiled import CompiledStep, resolve_compile
@@ -29,6 +19,16 @@ from keras_lightning.losses import resolve_loss
 from keras_lightning.metrics import bind_metrics, check_metric_spec
 from keras_lightning.objective import Objective
 from keras_lightning.optimizers import KerasOptimizer, resolve_optimizer
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import keras
+import lightning as L
+import torch
+import torchmetrics
+from typing_extensions import override
 
 _STAGE_PREFIX = {"train": "", "val": "val_", "test": "test_"}
 
@@ -74,6 +74,7 @@ class KerasLightningModule(CustomStepsMixin, L.LightningModule):
         >>> trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
         >>> sorted(trainer.callback_metrics)
         ['loss']
+
     """
 
     def __init__(
@@ -531,7 +532,8 @@ def _leaves(spec: Any) -> list[Any]:
 
 
 def _torchmetrics_in(*specs: Any) -> list[torchmetrics.Metric]:
-    return [leaf for spec in specs for leaf in _leaves(spec) if isinstance(leaf, torchmetrics.Metric)]
+    leaves = (leaf for spec in specs for leaf in _leaves(spec))
+    return [leaf for leaf in leaves if isinstance(leaf, torchmetrics.Metric)]
 
 
 def _is_built(model: keras.Model) -> bool:
