@@ -16,6 +16,7 @@ from keras_lightning.custom_steps import (
     scalar_logs,
 )
 
+import json
 import os
 import pickle
 import subprocess
@@ -598,6 +599,19 @@ def test_spawn_pickling_of_an_unpicklable_train_step_model_names_the_strategy_th
 
 # ---------------------------------------------------------------------- Keras side, DDP
 
+def run_ddp_script(template: str, out: Path) -> None:
+    """Run ``template`` (formatted with ``tests`` and ``out``) as a 2-process DDP script."""
+    script = out / "ddp_script.py"
+    script.write_text(template.format(tests=str(ROOT / "tests"), out=str(out)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=out, env=env, capture_output=True, text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 DDP_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -638,15 +652,7 @@ trainer.fit(kl.KerasLightningModule(gan), data)
 @pytest.mark.ddp
 @pytest.mark.timeout(300)
 def test_gan_under_ddp_keeps_weights_identical_across_ranks(tmp_path):
-    script = tmp_path / "ddp_gan.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path)))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_ddp_script(DDP_SCRIPT, tmp_path)
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
     init = np.load(tmp_path / "init0.npz")
     meta = [np.load(tmp_path / f"meta{r}.npy") for r in (0, 1)]
@@ -689,17 +695,7 @@ with open(f"{out}/rank{{rank}}.json", "w") as f:
 @pytest.mark.ddp
 @pytest.mark.timeout(300)
 def test_custom_test_step_under_ddp_logs_exact_global_metrics(tmp_path):
-    script = tmp_path / "ddp_eval.py"
-    script.write_text(EVAL_DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path)))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    import json
-
+    run_ddp_script(EVAL_DDP_SCRIPT, tmp_path)
     logged = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     x, y = regression_data(n=100)
     model = dense_model(EvalStepModel)
