@@ -630,6 +630,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             prefix=f".{target.name}.", suffix=".partial", dir=target.parent
         )
         try:
+            # mkstemp makes the file owner-only; give it the mode open() would (Lightning's).
+            os.chmod(temp, 0o666 & ~_umask())
             with open(descriptor, "wb") as file:
                 file.write(buffer.getbuffer())
                 file.flush()
@@ -650,13 +652,28 @@ def use_atomic_writes(trainer: Any) -> None:
     """Give ``trainer`` an :class:`AtomicCheckpointIO` where it would use Lightning's default.
 
     Only when no checkpoint writer was chosen (``Trainer(plugins=[...])`` or the strategy's
-    ``checkpoint_io``): a writer the user passed, including Lightning's own
-    ``TorchCheckpointIO()``, is kept. Called from ``KerasLightningModule.setup``, before any
-    checkpoint is written or read.
+    ``checkpoint_io``) and the strategy's default is Lightning's ``TorchCheckpointIO``: a
+    writer the user passed, including Lightning's own ``TorchCheckpointIO()``, and a
+    strategy's own default (``XLACheckpointIO``) are kept. Called from
+    ``KerasLightningModule.setup``, before any checkpoint is written or read.
     """
     strategy = getattr(trainer, "strategy", None)
-    if strategy is not None and getattr(strategy, "_checkpoint_io", False) is None:
+    if strategy is None or getattr(strategy, "_checkpoint_io", False) is not None:
+        return
+    # A strategy's own default (XLA's XLACheckpointIO) is kept: only Lightning's plain one.
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(mask)
+    return mask
 
 
 def _is_local(fs: Any) -> bool:

@@ -265,20 +265,43 @@ def _world_size() -> int:
     return int(torch.distributed.get_world_size())
 
 
-def global_metric_results(metrics: list[Any]) -> dict[str, torch.Tensor]:
-    """``{name: result()}`` of Keras metrics over every process: their states summed first.
+def metric_results(metrics: list[Any]) -> dict[str, Any]:
+    """``{name: result()}`` of Keras metrics, nested results flattened as Keras' ``fit`` does."""
+    return flatten_logs({metric.name: metric.result() for metric in metrics})
+
+
+def sum_metric_states(metrics: list[Any], device: torch.device) -> None:
+    """Sum every Keras metric state variable over all processes, in place.
 
     A Keras metric's state is totals and counts (``Mean``: total and count; ``MeanAbsoluteError``
     through ``MeanMetricWrapper``: the same; ``AUC``, ``Precision``: confusion counts), so the
     sum over ranks of each state variable is the state of one metric that saw every rank's
     batches, and its ``result()`` is the exact global value, not a mean of per-rank results.
-    The states stay summed (the caller logs them at epoch end; the next epoch resets them).
-    Nested results (``compile_metrics``) are flattened as Keras' ``fit`` does.
+    Each variable is summed once (a metric listed twice is not doubled), through one buffer per
+    dtype on ``device`` (the process group's device, whatever device a metric was built on).
+    Every rank must call this with the same metrics in the same order.
     """
+    variables: dict[int, Any] = {}
     for metric in metrics:
         for variable in metric.variables:
-            torch.distributed.all_reduce(variable.value, op=torch.distributed.ReduceOp.SUM)
-    return flatten_logs({metric.name: metric.result() for metric in metrics})
+            variables.setdefault(id(variable), variable)
+    by_dtype: dict[torch.dtype, list[Any]] = {}
+    for variable in variables.values():
+        by_dtype.setdefault(variable.value.dtype, []).append(variable)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        group = by_dtype[dtype]
+        flat = torch.cat([v.value.detach().reshape(-1).to(device) for v in group])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        offset = 0
+        for variable in group:
+            size = variable.value.numel()
+            part = flat[offset : offset + size].reshape(variable.value.shape)
+            variable.value.copy_(part.to(variable.value.device))
+            offset += size
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.numel() == 1
 
 
 def average_gradients(grads: list[Any], world_size: int) -> list[Any]:
@@ -464,15 +487,15 @@ class CustomStepsMixin:
         if stage == "train" or not self.uses_keras_test_step():
             return
         prefix = {"val": "val_", "test": "test_"}[stage]
-        values, synced = self._epoch_values(stage)
-        for name, value in values.items():
+        distributed = _world_size() > 1
+        for name, value in self._epoch_values(stage).items():
             module.log(
                 prefix + name,
                 value,
                 prog_bar=name == "loss",
                 on_step=False,
                 on_epoch=True,
-                sync_dist=name not in synced,
+                sync_dist=distributed,
             )
         if stage == "val" and self._custom_metric_snapshot is not None:
             restore_metrics(list(module.require_model().metrics), self._custom_metric_snapshot)
@@ -484,39 +507,39 @@ class CustomStepsMixin:
         if not self.uses_keras_train_step():
             return
         module: Any = self
-        values, synced = self._epoch_values("train")
-        for name, value in values.items():
+        distributed = _world_size() > 1
+        for name, value in self._epoch_values("train").items():
             module.log(
-                name,
-                value,
-                prog_bar=True,
-                on_step=False,
-                on_epoch=True,
-                sync_dist=name not in synced,
+                name, value, prog_bar=True, on_step=False, on_epoch=True, sync_dist=distributed
             )
 
-    def _epoch_values(self, stage: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    def _epoch_values(self, stage: str) -> dict[str, torch.Tensor]:
         """The last logs of ``stage``'s Keras step, exact over all processes where possible.
 
-        With one process they are logged as returned. Under DDP, a returned value whose name
-        is one of ``model.metrics`` (the guides' ``{m.name: m.result() for m in
-        self.metrics}``) is recomputed from the metrics' states summed over ranks
-        (:func:`global_metric_results`); other values (a raw loss tensor) fall back to the
-        mean over ranks. Returns the values and the names already global.
+        With one process they are logged as returned. Under DDP, a returned value that is the
+        current ``result()`` of one of ``model.metrics`` (the guides' ``{m.name: m.result()
+        for m in self.metrics}``) is replaced by the result of the metrics' states summed over
+        ranks (:func:`sum_metric_states`), the same on every rank; any other value (a raw
+        batch loss, even under a metric's name) stays, and is logged with ``sync_dist`` as a
+        mean over ranks like the rest (the mean of equal values is that value).
         """
         values = dict(self._custom_logs.get(stage, {}))
         if _world_size() == 1:
-            return values, set(values)
+            return values
         module: Any = self
+        metrics = list(module.require_model().metrics)
         with torch.no_grad(), module.keras_scope():
-            exact = global_metric_results(list(module.require_model().metrics))
-        synced = set()
-        for name in values:
-            result = exact.get(name)
-            if isinstance(result, torch.Tensor) and result.numel() == 1:
-                values[name] = result.reshape(()).to(module.device)
-                synced.add(name)
-        return values, synced
+            local = metric_results(metrics)
+            sum_metric_states(metrics, module.device)
+            exact = metric_results(metrics)
+        for name, value in values.items():
+            mine, merged = local.get(name), exact.get(name)
+            if not (_is_scalar(mine) and _is_scalar(merged)):
+                continue
+            mine = mine.detach().float().reshape(()).to(value.device)
+            if torch.equal(value.float().reshape(()), mine):
+                values[name] = merged.detach().float().reshape(()).to(module.device)
+        return values
 
     # ------------------------------------------------------------ Keras side: set-up
 

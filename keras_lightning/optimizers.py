@@ -178,9 +178,11 @@ class KerasOptimizer(torch.optim.Optimizer):
         elif path == "short":
             optimizer._backend_apply_gradients(grads, variables)
             optimizer._iterations.assign_add(1)
-        else:
-            assert self._direct_update is not None
+        elif self._direct_update is not None and self._direct_update.applies():
             self._direct_update(grads, variables)
+        else:  # clipping, EMA or accumulation switched on after the path was chosen
+            optimizer._backend_apply_gradients(grads, variables)
+            optimizer._iterations.assign_add(1)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients (``set_to_none=True``, the default) or zero them in place.
@@ -315,20 +317,28 @@ class _DirectUpdate:
             and cls._apply_weight_decay is torch_optimizer.TorchOptimizer._apply_weight_decay
             and cls._get_current_learning_rate is BaseOptimizer._get_current_learning_rate
         )
-        plain = not (
-            optimizer.gradient_accumulation_steps
-            or optimizer.use_ema
-            or optimizer.clipnorm
-            or optimizer.clipvalue
-            or optimizer.global_clipnorm
-        )
-        if not (untouched and plain):
+        if not (untouched and _DirectUpdate.plain(optimizer)):
             return None
         if cls._parallel_update_step is torch_adam.Adam._parallel_update_step:
             return "adam"
         if cls._parallel_update_step is torch_sgd.SGD._parallel_update_step:
             return "sgd"
         return None
+
+    @staticmethod
+    def plain(optimizer: Any) -> bool:
+        """No clipping, EMA or gradient accumulation: the update is the optimizer's alone."""
+        return not (
+            optimizer.gradient_accumulation_steps
+            or optimizer.use_ema
+            or optimizer.clipnorm
+            or optimizer.clipvalue
+            or optimizer.global_clipnorm
+        )
+
+    def applies(self) -> bool:
+        """Checked on every step: a callback may set ``clipnorm`` (...) mid-training."""
+        return self.plain(self.optimizer)
 
     def __init__(self, optimizer: Any, variables: Sequence[Any], kind: str) -> None:
         self.optimizer = optimizer

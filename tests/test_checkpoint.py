@@ -454,6 +454,43 @@ def test_the_module_writes_atomically_unless_a_writer_was_chosen(
     )
 
 
+def test_atomic_writes_give_checkpoints_the_mode_lightning_gives(tmp_path: Path) -> None:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    kl.AtomicCheckpointIO().save_checkpoint({"n": 1}, tmp_path / "atomic.ckpt")
+    TorchCheckpointIO().save_checkpoint({"n": 1}, tmp_path / "lightning.ckpt")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["atomic.ckpt"] == modes["lightning.ckpt"], modes
+
+
+def test_a_strategy_default_writer_other_than_lightnings_is_kept(digits: dict) -> None:
+    """XLA strategies default to their own writer (and refuse others): it must stay."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class OwnWriter(TorchCheckpointIO):
+        pass
+
+    class OwnWriterStrategy(SingleDeviceStrategy):
+        @property
+        def checkpoint_io(self):
+            if self._checkpoint_io is None:
+                return OwnWriter()
+            return self._checkpoint_io
+
+        @checkpoint_io.setter
+        def checkpoint_io(self, io):
+            if not isinstance(io, OwnWriter):
+                raise TypeError("this strategy only works with its own writer")
+            self._checkpoint_io = io
+
+    trainer = make_trainer(max_epochs=1, limit_train_batches=2,
+                           strategy=OwnWriterStrategy(device="cpu"))
+    module = kl.KerasLightningModule(mlp(), optimizer="adam", loss=SCCE)
+    trainer.fit(module, loader(digits["x_train"], digits["y_train"]))
+    assert type(trainer.strategy.checkpoint_io) is OwnWriter
+
+
 # ---------------------------------------------------------------------- 3. load_from_checkpoint
 
 

@@ -127,6 +127,19 @@ class EvalStepModel(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
+class RawLossEvalModel(keras.Model):
+    """A test_step that returns the batch's loss itself under "loss" (not a metric's result)."""
+
+    def test_step(self, data):
+        x, y = data
+        y_pred = self(x, training=False)
+        loss = self.compute_loss(y=y, y_pred=y_pred)
+        for metric in self.metrics:
+            if metric.name != "loss":
+                metric.update_state(y, y_pred)
+        return {"loss": loss, **{m.name: m.result() for m in self.metrics if m.name != "loss"}}
+
+
 class RecordingModel(GuideModel, EvalStepModel):
     """The guide's train_step and test_step; records each training batch's loss (for checks)."""
 
@@ -668,7 +681,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import keras_lightning as kl
 import keras, lightning as L, torch
-from test_custom_steps import EvalStepModel, dense_model, regression_data
+from test_custom_steps import EvalStepModel, RawLossEvalModel, dense_model, regression_data
 
 x, y = regression_data(n=100)
 model = dense_model(EvalStepModel)  # the same seed, so the same weights, on both ranks
@@ -687,8 +700,11 @@ data = torch.utils.data.DataLoader(
 module = kl.KerasLightningModule(model)
 (validated,) = trainer.validate(module, data, verbose=False)
 (tested,) = trainer.test(module, data, verbose=False)
+raw = dense_model(RawLossEvalModel)
+raw.compile(loss="mse", metrics=["mae"])
+(raw_validated,) = trainer.validate(kl.KerasLightningModule(raw), data, verbose=False)
 with open(f"{out}/rank{{rank}}.json", "w") as f:
-    json.dump({{"val": validated, "test": tested}}, f)
+    json.dump({{"val": validated, "test": tested, "raw": raw_validated}}, f)
 """
 
 
@@ -713,6 +729,14 @@ def test_custom_test_step_under_ddp_logs_exact_global_metrics(tmp_path):
             assert values == pytest.approx(
                 {prefix + name: value for name, value in expected.items()}, rel=1e-5
             ), (stage, rank)
+    # A raw batch loss returned under "loss" (the compiled model's loss tracker, never updated
+    # by this step, has the same name): not replaced by that tracker's 0, but the mean over
+    # ranks of each rank's last batch loss, as Lightning's sync_dist gives.
+    last_batch_mse = [np.mean(s[(len(s) - 1) // 16 * 16 :] ** 2) for s in shards]
+    for rank in (0, 1):
+        assert logged[rank]["raw"] == pytest.approx(
+            {"val_loss": float(np.mean(last_batch_mse)), "val_mae": expected["mae"]}, rel=1e-5
+        )
 
 
 # ---------------------------------------------------------------------- Lightning side

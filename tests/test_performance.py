@@ -136,3 +136,31 @@ def test_progress_bar_gets_the_loss_every_step(digits):
     trainer.fit(module, loader(x, y))
     assert calls.count("loss") == 3 + 1  # 3 steps, then the epoch mean
     assert np.isfinite(float(trainer.progress_bar_metrics["loss"]))
+
+
+@pytest.mark.parametrize(
+    "switch_on",
+    [
+        {"clipnorm": 0.01},
+        {"clipvalue": 0.001},
+        {"global_clipnorm": 0.01},
+    ],
+    ids=["clipnorm", "clipvalue", "global_clipnorm"],
+)
+def test_clipping_switched_on_mid_training_reaches_the_direct_update(switch_on):
+    reference_model, model = mlp(seed=4), mlp(seed=4)
+    reference, optimizer = keras.optimizers.Adam(1e-2), keras.optimizers.Adam(1e-2)
+    adapter = kl.KerasOptimizer(optimizer, model.trainable_variables)
+    for step, grads in enumerate(_gradient_sequence(model, 6)):
+        if step == 3:  # e.g. from a callback, after the update path was chosen
+            for keras_optimizer in (reference, optimizer):
+                for name, value in switch_on.items():
+                    setattr(keras_optimizer, name, value)
+        with torch.no_grad():
+            reference.apply([g.clone() for g in grads], reference_model.trainable_variables)
+        for param, grad in zip(adapter.param_groups[0]["params"], grads, strict=True):
+            param.grad = grad.clone()
+        adapter.step()
+    assert adapter.update_path == "adam"
+    for ours, theirs in zip(model.variables, reference_model.variables, strict=True):
+        assert torch.equal(ours.value, theirs.value), ours.path
