@@ -281,23 +281,10 @@ def sum_metric_states(metrics: list[Any], device: torch.device) -> None:
     dtype on ``device`` (the process group's device, whatever device a metric was built on).
     Every rank must call this with the same metrics in the same order.
     """
-    variables: dict[int, Any] = {}
-    for metric in metrics:
-        for variable in metric.variables:
-            variables.setdefault(id(variable), variable)
-    by_dtype: dict[torch.dtype, list[Any]] = {}
-    for variable in variables.values():
-        by_dtype.setdefault(variable.value.dtype, []).append(variable)
-    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
-        group = by_dtype[dtype]
-        flat = torch.cat([v.value.detach().reshape(-1).to(device) for v in group])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        offset = 0
-        for variable in group:
-            size = variable.value.numel()
-            part = flat[offset : offset + size].reshape(variable.value.shape)
-            variable.value.copy_(part.to(variable.value.device))
-            offset += size
+    variables = list({id(v): v for metric in metrics for v in metric.variables}.values())
+    summed = _all_reduce_sum([v.value.detach() for v in variables], device=device)
+    for variable, total in zip(variables, summed, strict=True):
+        variable.value.copy_(total.to(variable.value.device))
 
 
 def _is_scalar(value: Any) -> bool:
@@ -306,19 +293,34 @@ def _is_scalar(value: Any) -> bool:
 
 def average_gradients(grads: list[Any], world_size: int) -> list[Any]:
     """All-reduce ``grads`` (one flat buffer per dtype) and divide by ``world_size``."""
+    present = [i for i, grad in enumerate(grads) if grad is not None]
     averaged = list(grads)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for index, grad in enumerate(grads):
-        if grad is not None:
-            by_dtype.setdefault(grad.dtype, []).append(index)
-    for indices in by_dtype.values():
-        flat = torch.cat([grads[i].reshape(-1) for i in indices])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat /= world_size
-        parts = torch.split(flat, [grads[i].numel() for i in indices])
-        for index, part in zip(indices, parts, strict=True):
-            averaged[index] = part.view_as(grads[index])
+    summed = _all_reduce_sum([grads[i] for i in present], divide_by=world_size)
+    for index, grad in zip(present, summed, strict=True):
+        averaged[index] = grad
     return averaged
+
+
+def _all_reduce_sum(
+    tensors: list[torch.Tensor], device: torch.device | None = None, divide_by: int = 1
+) -> list[torch.Tensor]:
+    """``tensors`` summed over all processes (divided by ``divide_by``), one collective per
+    dtype through a flat buffer (on ``device`` when given). Every rank must pass tensors of the
+    same dtypes and sizes in the same order.
+    """
+    result = list(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(index)
+    for indices in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1).to(device or tensors[i].device) for i in indices])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        if divide_by != 1:
+            flat /= divide_by
+        parts = torch.split(flat, [tensors[i].numel() for i in indices])
+        for index, part in zip(indices, parts, strict=True):
+            result[index] = part.view_as(tensors[index])
+    return result
 
 
 def _destroy_process_group() -> None:
