@@ -498,7 +498,7 @@ class Runner:
                 model,
                 optimizer=torch_optimizer if torch_adam else keras.optimizers.Adam(LR),
                 loss=self.workload.keras_loss(),
-                compile=compile,
+                jit_compile=compile,
             )
         data = loader(self.workload, clock.total, torch.device("cpu"), False)
         quiet_trainer(self.device, clock.total, clock).fit(self.state, data)

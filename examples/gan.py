@@ -193,11 +193,11 @@ class LightningSideGAN(kl.KerasLightningModule):
         labels += 0.05 * torch.rand_like(labels)
         logits = self.discriminator(torch.cat([fake.detach(), real]), training=True)
         d_loss = self.loss_fn(labels, logits)
-        self.apply_gradients(d_loss, d_opt)  # zero_grad, manual_backward, step: D only
+        self.backward_and_step(d_loss, d_opt)  # zero_grad, manual_backward, step: D only
         # Generator: make the discriminator call fresh fakes real.
         fake = self.generator(torch.randn(n, self.latent_dim, device=self.device), training=True)
         g_loss = self.loss_fn(torch.zeros(n, 1, device=self.device), self.discriminator(fake))
-        self.apply_gradients(g_loss, g_opt)  # G only
+        self.backward_and_step(g_loss, g_opt)  # G only
         self.log_dict({"d_loss": d_loss, "g_loss": g_loss}, prog_bar=True)
 
 

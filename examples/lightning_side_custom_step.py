@@ -6,7 +6,7 @@ optimization and use its helpers, so the guide's hand-written loop is four lines
 * ``self(x, training=True)``: the Keras forward pass with an explicit ``training`` flag;
 * ``self.compute_loss(y_pred, y, sample_weight)``: the configured loss (Keras or torch; argument
   order handled; ``model.losses`` added) and the per-output losses;
-* ``self.apply_gradients(loss)``: zero_grad, ``manual_backward``, step the configured optimizer
+* ``self.backward_and_step(loss)``: zero_grad, ``manual_backward``, step the configured optimizer
   (Keras or torch; pass one of ``self.optimizers()`` when there are several);
 * ``self.update_metrics(y_pred, y, sample_weight, loss=loss)``: accumulate the configured metrics,
   logged per epoch under Keras' names (``loss``, ``mae``) exactly as the built-in step logs them.
@@ -35,7 +35,7 @@ class CustomStep(kl.KerasLightningModule):
         x, y, sample_weight = self.unpack_batch(batch)  # (x, y) or (x, y, sample_weight)
         y_pred = self(x, training=True)
         loss, _ = self.compute_loss(y_pred, y, sample_weight)
-        self.apply_gradients(loss)
+        self.backward_and_step(loss)
         self.update_metrics(y_pred, y, sample_weight, loss=loss)
         self.log("batch_loss", loss.detach(), prog_bar=True)  # per step, if you want it
 

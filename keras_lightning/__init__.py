@@ -13,24 +13,26 @@ from keras_lightning.checkpoint import (  # noqa: E402
     export_keras,
     model_from_checkpoint,
 )
-from keras_lightning.custom_steps import flatten_logs  # noqa: E402
 from keras_lightning.exceptions import (  # noqa: E402
-    ArgumentTypeError,
     BackendError,
     BatchError,
     CheckpointError,
     ConfigurationError,
     KerasLightningError,
+    KerasLightningTypeError,
     ShapeMismatchError,
 )
+from keras_lightning.keras_logs import flatten_logs  # noqa: E402
 from keras_lightning.losses import KerasLoss, TorchLoss, keras_loss, torch_loss  # noqa: E402
 from keras_lightning.module import KerasLightningModule  # noqa: E402
 from keras_lightning.optimizers import KerasOptimizer  # noqa: E402
 
+import warnings  # noqa: E402
+from typing import Any  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArgumentTypeError",
     "AtomicCheckpointIO",
     "BackendError",
     "BatchError",
@@ -38,6 +40,7 @@ __all__ = [
     "ConfigurationError",
     "KerasLightningError",
     "KerasLightningModule",
+    "KerasLightningTypeError",
     "KerasLoss",
     "KerasOptimizer",
     "ShapeMismatchError",
@@ -49,3 +52,19 @@ __all__ = [
     "model_from_checkpoint",
     "torch_loss",
 ]
+
+#: Names that were documented and renamed: old name -> (new name, object).
+_DEPRECATED = {"ArgumentTypeError": ("KerasLightningTypeError", KerasLightningTypeError)}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        new, value = _DEPRECATED[name]
+        warnings.warn(
+            f"keras_lightning.{name} is deprecated: it is named keras_lightning.{new} (the old "
+            "name read like argparse.ArgumentTypeError). Use kl.{new}.".replace("{new}", new),
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return value
+    raise AttributeError(f"module 'keras_lightning' has no attribute {name!r}")

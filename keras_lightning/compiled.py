@@ -8,7 +8,7 @@ stateless train step.
 
 Backends, fastest warm-up first:
 
-- ``"eager"`` (``compile=True``): dynamo captures the graph and runs it with eager torch ops.
+- ``"eager"`` (``jit_compile=True``): dynamo captures the graph and runs it with eager torch ops.
   No code generation: warm-up of about a second or two, and the Keras overhead is gone. The
   graph is first cleared of the conversions Keras wraps around every op that return their
   input unchanged (:func:`drop_no_op_conversions`).
@@ -21,6 +21,7 @@ If capturing fails, the step warns once and runs eagerly from then on.
 
 from __future__ import annotations
 
+from keras_lightning import _private
 from keras_lightning.exceptions import ConfigurationError, KerasLightningError
 
 import warnings
@@ -34,7 +35,7 @@ COMPILE_BACKENDS = ("eager", "aot_eager", "inductor")
 
 
 def resolve_compile(spec: Any) -> str | None:
-    """The ``torch.compile`` backend for ``KerasLightningModule(compile=spec)``, or None.
+    """The ``torch.compile`` backend for ``KerasLightningModule(jit_compile=spec)``, or None.
 
     Example:
         >>> resolve_compile(True), resolve_compile(False), resolve_compile("inductor")
@@ -48,10 +49,10 @@ def resolve_compile(spec: Any) -> str | None:
     if isinstance(spec, str) and spec in COMPILE_BACKENDS:
         return spec
     raise ConfigurationError(
-        f"`compile` must be True, False or a torch.compile backend name among "
-        f"{', '.join(repr(b) for b in COMPILE_BACKENDS)}; received compile={spec!r}. "
-        "compile=True uses 'eager' (graph capture without code generation, fast warm-up); "
-        "compile='inductor' generates fused kernels (slow warm-up)."
+        f"`jit_compile` must be True, False or a torch.compile backend name among "
+        f"{', '.join(repr(b) for b in COMPILE_BACKENDS)}; received jit_compile={spec!r}. "
+        "jit_compile=True uses 'eager' (graph capture without code generation, fast warm-up); "
+        "jit_compile='inductor' generates fused kernels (slow warm-up)."
     )
 
 
@@ -80,8 +81,7 @@ def install_dynamo_shims() -> None:
         return
     _SHIMS_INSTALLED = True
     try:
-        from keras.src.backend.torch import nn as torch_nn
-        from keras.src.backend.torch import numpy as torch_numpy
+        torch_nn, torch_numpy = _private.keras_torch_backend_modules()
 
         substitutes = [
             (torch_numpy.max, _traceable_max(torch_numpy)),
@@ -259,8 +259,7 @@ def _compile(fn: Callable[..., Any], backend: str) -> Callable[..., Any]:
 
 
 def _dynamo_totals() -> tuple[int, int]:
-    from torch._dynamo.utils import counters
-
+    counters = _private.dynamo_counters()
     return int(counters["frames"]["total"]), int(sum(counters["graph_break"].values()))
 
 
@@ -358,9 +357,7 @@ class CompiledStep:
         self._signatures.add(_signature(args, kwargs))
         self.stats.signatures = len(self._signatures)
         if breaks:
-            from torch._dynamo.utils import counters
-
-            self.stats.graph_break_reasons = sorted(counters["graph_break"])
+            self.stats.graph_break_reasons = sorted(_private.dynamo_counters()["graph_break"])
 
     def _fall_back(self, error: BaseException) -> None:
         self._compiled = None
@@ -368,7 +365,7 @@ class CompiledStep:
         warnings.warn(
             f"torch.compile(backend={self.stats.backend!r}) could not compile the Keras step "
             f"({type(error).__name__}: {str(error)[:300]}); running it eagerly from now on. "
-            "Pass compile=False to KerasLightningModule to silence this warning.",
+            "Pass jit_compile=False to KerasLightningModule to silence this warning.",
             RuntimeWarning,
             stacklevel=3,
         )

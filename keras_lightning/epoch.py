@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+from keras_lightning import collectives
 from keras_lightning.metrics import BoundMetric
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-
-AllReduce = Callable[[torch.Tensor], None]
 
 
 class EpochState:
@@ -46,15 +44,15 @@ class EpochState:
         for metric in self.metrics or ():
             metric.update(y_pred[metric.output_index], y_true[metric.output_index], sample_weight)
 
-    def compute(self, all_reduce: AllReduce | None = None) -> dict[str, torch.Tensor]:
+    def compute(self, distributed: bool = False) -> dict[str, torch.Tensor]:
         """Epoch values under their logged names, reduced across processes if asked."""
         values: dict[str, torch.Tensor] = {}
         for name, (total, count) in self._sums.items():
-            if all_reduce is not None:
+            if distributed:
                 pair = torch.stack([total.float(), count.to(total.device).float()])
-                all_reduce(pair)
+                (pair,) = collectives.all_reduce_sum([pair])
                 total, count = pair[0], pair[1]
             values[self.prefix + name] = total / count
         for metric in self.metrics or ():
-            values[self.prefix + metric.name] = torch.as_tensor(metric.compute(all_reduce))
+            values[self.prefix + metric.name] = torch.as_tensor(metric.compute(distributed))
         return values

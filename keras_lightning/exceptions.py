@@ -13,8 +13,10 @@ class ConfigurationError(KerasLightningError, ValueError):
     """A constructor argument has the wrong value (unknown name, bad structure)."""
 
 
-class ArgumentTypeError(KerasLightningError, TypeError):
-    """A constructor argument has the wrong type."""
+class KerasLightningTypeError(KerasLightningError, TypeError):
+    """An argument has the wrong type (was ``ArgumentTypeError``, a name that read like
+    ``argparse.ArgumentTypeError``; the old name still works, with a deprecation warning).
+    """
 
 
 class BatchError(KerasLightningError, ValueError):

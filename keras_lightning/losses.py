@@ -8,7 +8,8 @@ directly, never through Keras' casting (which would turn int64 class labels into
 
 from __future__ import annotations
 
-from keras_lightning.exceptions import ArgumentTypeError, ConfigurationError
+from keras_lightning import _private
+from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
 
 import copy
 import difflib
@@ -18,15 +19,8 @@ from typing import Any
 
 import keras
 import torch
-from keras.src.losses.losses import LossFunctionWrapper
 
 _CROSSENTROPY_ALIASES = ("crossentropy", "ce")
-
-
-def _keras_loss_names() -> list[str]:
-    from keras.src.losses import ALL_OBJECTS_DICT
-
-    return sorted(name for name in ALL_OBJECTS_DICT if name[0].islower())
 
 
 class KerasLoss:
@@ -51,7 +45,7 @@ class KerasLoss:
         if isinstance(fn, keras.losses.Loss):
             self.loss = fn
         else:
-            self.loss = LossFunctionWrapper(fn, name=name or _object_name(fn))
+            self.loss = _private.loss_function_wrapper(fn, name or _object_name(fn))
         self.name = name or self.loss.name
 
     def __call__(
@@ -172,7 +166,7 @@ def resolve_loss(
 
     Raises:
         ConfigurationError: Unknown loss name.
-        ArgumentTypeError: A callable whose calling convention cannot be known.
+        KerasLightningTypeError: A callable whose calling convention cannot be known.
 
     """
     if isinstance(identifier, KerasLoss | TorchLoss):
@@ -188,14 +182,14 @@ def resolve_loss(
     if callable(identifier) and _module_of(identifier).startswith("keras"):
         return KerasLoss(identifier)
     if callable(identifier):
-        raise ArgumentTypeError(
+        raise KerasLightningTypeError(
             f"`{argument}={_object_name(identifier)}` is a plain callable, and its argument order "
             "cannot be known: Keras losses are called fn(y_true, y_pred), torch losses "
             "fn(y_pred, y_true). Mark it: "
             f"`{argument}=kl.keras_loss(fn)` if it is called fn(y_true, y_pred), or "
             f"`{argument}=kl.torch_loss(fn)` if it is called fn(y_pred, y_true)."
         )
-    raise ArgumentTypeError(
+    raise KerasLightningTypeError(
         f"`{argument}` must be a Keras loss name (e.g. 'mse'), a keras.losses.Loss, a torch loss "
         "(e.g. torch.nn.CrossEntropyLoss()), or a callable marked with kl.keras_loss / "
         f"kl.torch_loss. Received: {argument}={identifier!r} of type {type(identifier).__name__}."
@@ -209,15 +203,13 @@ def _resolve_loss_name(name: str, y_true: Any, y_pred: Any, argument: str) -> Ke
                 f"`{argument}={name!r}` is resolved from the shapes of the first batch; "
                 "resolve it with y_true and y_pred."
             )
-        from keras.src.trainers.compile_utils import get_loss
-
-        return KerasLoss(get_loss(name, y_true, y_pred), name=name)
+        return KerasLoss(_private.compile_loss(name, y_true, y_pred), name=name)
     try:
         fn = keras.losses.get(name)
     except (ValueError, TypeError):
         fn = None
     if fn is None:
-        known = _keras_loss_names()
+        known = _private.keras_loss_names()
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ConfigurationError(
@@ -257,7 +249,7 @@ def _accepts_keyword(fn: Any, keyword: str) -> bool:
 
 def _check_callable(fn: Any, marker: str) -> None:
     if not callable(fn):
-        raise ArgumentTypeError(
+        raise KerasLightningTypeError(
             f"`kl.{marker}(fn)` expects a callable loss; received {fn!r} of type "
             f"{type(fn).__name__}."
         )

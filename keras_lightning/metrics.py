@@ -6,8 +6,10 @@ distributed runs, summed over every process), never as a mean of per-batch value
 
 from __future__ import annotations
 
+from keras_lightning import _private
 from keras_lightning.data import per_output
-from keras_lightning.exceptions import ArgumentTypeError, ConfigurationError
+from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
+from keras_lightning.keras_logs import sum_metric_states
 
 import difflib
 import re
@@ -18,12 +20,6 @@ from typing import Any
 import keras
 import torch
 import torchmetrics
-
-
-def _keras_metric_names() -> list[str]:
-    from keras.src.metrics import ALL_OBJECTS_DICT
-
-    return sorted(name for name in ALL_OBJECTS_DICT if name[0].islower())
 
 
 def _snake_case(name: str) -> str:
@@ -48,7 +44,7 @@ def check_metric_spec(spec: Any, argument: str) -> None:
             try:
                 keras.metrics.get(entry)
             except (ValueError, TypeError):
-                close = difflib.get_close_matches(entry, _keras_metric_names(), n=3)
+                close = difflib.get_close_matches(entry, _private.keras_metric_names(), n=3)
                 hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 raise ConfigurationError(
                     f"`{argument}` contains {entry!r}, which is not a Keras metric name.{hint} "
@@ -58,7 +54,7 @@ def check_metric_spec(spec: Any, argument: str) -> None:
         elif not isinstance(entry, keras.metrics.Metric | torchmetrics.Metric) and not callable(
             entry
         ):
-            raise ArgumentTypeError(
+            raise KerasLightningTypeError(
                 f"`{argument}` entries must be Keras metric names or objects, Keras metric "
                 f"functions, or torchmetrics.Metric objects; received {entry!r} of type "
                 f"{type(entry).__name__}."
@@ -103,25 +99,22 @@ class BoundMetric:
         else:
             self.metric.reset_state()
 
-    def compute(self, all_reduce: Any = None) -> torch.Tensor:
-        """The value over everything accumulated; ``all_reduce`` sums Keras state across ranks.
+    def compute(self, distributed: bool = False) -> torch.Tensor:
+        """The value over everything accumulated; ``distributed`` sums Keras state over ranks.
 
         torchmetrics synchronise themselves in ``compute()`` when a process group exists.
         """
         if self.is_torchmetric:
             return self.metric.compute()
-        if all_reduce is not None:
-            for variable in self.metric.variables:
-                all_reduce(variable.value)
+        if distributed:
+            sum_metric_states([self.metric])
         return self.metric.result()
 
 
 def _instantiate(identifier: Any, y_true: Any, y_pred: Any) -> tuple[str, Any]:
     if isinstance(identifier, torchmetrics.Metric):
         return _snake_case(type(identifier).__name__), identifier
-    from keras.src.trainers.compile_utils import get_metric
-
-    metric = get_metric(identifier, y_true, y_pred)
+    metric = _private.compile_metric(identifier, y_true, y_pred)
     return metric.name, metric
 
 

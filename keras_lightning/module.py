@@ -1,26 +1,28 @@
-"""``KerasLightningModule``: a LightningModule that trains a torch-backend Keras model."""
+"""``KerasLightningModule``: a LightningModule that trains a torch-backend Keras model.
+
+The class wires the pieces together and holds the public surface; the work lives in the
+modules named for it: the step strategies (:mod:`~keras_lightning.builtin_steps`,
+:mod:`~keras_lightning.keras_steps`, chosen once per stage), devices
+(:mod:`~keras_lightning.devices`), replicas under DDP (:mod:`~keras_lightning.replicas`),
+checkpoints (:mod:`~keras_lightning.checkpoint`) and the library part of Lightning's hooks
+(:mod:`~keras_lightning.lifecycle`), which runs whether or not a subclass calls ``super()``.
+"""
 
 from __future__ import annotations
 
-from keras_lightning import checkpoint as checkpoints
-from keras_lightning import distributed, precision
-from keras_lightning.compiled import CompiledStep, resolve_compile
-from keras_lightning.custom_steps import CustomStepsMixin
-from keras_lightning.data import (
-    align_targets,
-    batch_size_of,
-    output_structure,
-    unpack_batch,
-    validate_class_weight,
-)
-from keras_lightning.epoch import EpochState
-from keras_lightning.exceptions import ArgumentTypeError, ConfigurationError
+from keras_lightning import _private, checkpoint, devices, precision, replicas
+from keras_lightning.builtin_steps import Arguments, BuiltinSteps
+from keras_lightning.compiled import CompileStats, resolve_compile
+from keras_lightning.data import unpack_batch, validate_class_weight
+from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
+from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkpoint, overrides_step
+from keras_lightning.lifecycle import guard_hooks
 from keras_lightning.losses import resolve_loss
-from keras_lightning.metrics import bind_metrics, check_metric_spec
-from keras_lightning.objective import Objective
+from keras_lightning.metrics import check_metric_spec
 from keras_lightning.optimizers import KerasOptimizer, resolve_optimizer
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -30,10 +32,10 @@ import torch
 import torchmetrics
 from typing_extensions import override
 
-_STAGE_PREFIX = {"train": "", "val": "val_", "test": "test_"}
+_UNSET: Any = object()
 
 
-class KerasLightningModule(CustomStepsMixin, L.LightningModule):
+class KerasLightningModule(L.LightningModule):
     """Train a Keras 3 model (torch backend) with ``lightning.Trainer``.
 
     Args:
@@ -56,12 +58,13 @@ class KerasLightningModule(CustomStepsMixin, L.LightningModule):
         lr_scheduler: A callable ``optimizer -> scheduler``, or a Lightning scheduler dict
             whose ``"scheduler"`` is such a callable (``{"scheduler": fn, "interval":
             "step"}``).
-        compile: ``True`` (or a ``torch.compile`` backend name: ``"eager"``,
+        jit_compile: ``True`` (or a ``torch.compile`` backend name: ``"eager"``,
             ``"aot_eager"``, ``"inductor"``) captures the model's forward pass and loss with
             ``torch.compile`` from the second batch on, which removes Keras' per-layer Python
             overhead; ``True`` means ``"eager"`` (graph capture only, warm-up of a second or
-            two). If capturing fails, training goes on eagerly with a warning. See
-            ``keras_lightning.compiled``.
+            two). If capturing fails, training goes on eagerly with a warning. Named after
+            Keras' ``compile(jit_compile=...)``; see ``keras_lightning.compiled``.
+        compile: Deprecated name of ``jit_compile``.
 
     Example:
         >>> import keras, lightning, torch
@@ -88,7 +91,8 @@ class KerasLightningModule(CustomStepsMixin, L.LightningModule):
         loss_weights: Any = None,
         class_weight: Mapping[int, float] | None = None,
         lr_scheduler: Any = None,
-        compile: bool | str = False,
+        jit_compile: bool | str = False,
+        compile: Any = _UNSET,
     ) -> None:
         super().__init__()
         self.model: keras.Model | None
@@ -96,7 +100,7 @@ class KerasLightningModule(CustomStepsMixin, L.LightningModule):
             self.model = model
             self._model_factory: Callable[[], keras.Model] | None = None
         elif isinstance(model, keras.layers.Layer) or not callable(model):
-            raise ArgumentTypeError(
+            raise KerasLightningTypeError(
                 "`model` must be a keras.Model (Functional, Sequential or subclassed) or a "
                 f"zero-argument callable that returns one; received {type(model).__name__}. "
                 "Wrap a single layer as keras.Sequential([keras.Input(shape), layer])."
@@ -104,341 +108,431 @@ class KerasLightningModule(CustomStepsMixin, L.LightningModule):
         else:
             self.model = None
             self._model_factory = model
-        self._optimizer_spec = optimizer
-        self._loss_spec = loss
-        self._metrics_spec = metrics
-        self._weighted_metrics_spec = weighted_metrics
-        self._loss_weights_spec = loss_weights
-        self._class_weight = validate_class_weight(class_weight)
-        self._lr_scheduler_spec = _check_lr_scheduler(lr_scheduler)
-        self._compile_backend = resolve_compile(compile)
-        self._compiled_step: CompiledStep | None = None
-        self._validate_loss_spec(loss)
+        if compile is not _UNSET:
+            warnings.warn(
+                "KerasLightningModule(compile=...) is deprecated: it is named jit_compile=..., "
+                "after Keras' model.compile(jit_compile=...). Pass jit_compile="
+                f"{compile!r}.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            jit_compile = compile
+        self._arguments = Arguments(
+            optimizer=optimizer,
+            loss=loss,
+            metrics=metrics,
+            weighted_metrics=weighted_metrics,
+            loss_weights=loss_weights,
+            class_weight=validate_class_weight(class_weight),
+            lr_scheduler=_check_lr_scheduler(lr_scheduler),
+        )
+        _validate_loss_spec(loss)
         check_metric_spec(metrics, "metrics")
         check_metric_spec(weighted_metrics, "weighted_metrics")
-        self._objective: Objective | None = None
-        self._stages = {stage: EpochState(prefix) for stage, prefix in _STAGE_PREFIX.items()}
+        self._builtin = BuiltinSteps(self, self._arguments, resolve_compile(jit_compile))
+        self._keras_steps = KerasSteps(self)
         # torchmetrics given by the user are registered so that Lightning moves them.
         self.torchmetrics = torch.nn.ModuleList(_torchmetrics_in(metrics, weighted_metrics))
         if self.model is not None:
             self._adopt_compile_config(self.model)
-        checkpoints.register_hooks(self)  # stable state_dict keys (checkpoint.py)
+        checkpoint.register_hooks(self)  # stable state_dict keys (checkpoint/keys.py)
 
-    # ------------------------------------------------------------------ set-up
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        guard_hooks(cls)  # library behaviour survives overrides without super() (lifecycle.py)
 
-    def _validate_loss_spec(self, loss: Any) -> None:
-        for spec in _leaves(loss):
-            if spec is None or (isinstance(spec, str) and spec.lower() in ("crossentropy", "ce")):
-                continue
-            resolve_loss(spec)
+    # ------------------------------------------------------------------ the Keras model
 
     def _adopt_compile_config(self, model: keras.Model) -> None:
         """Use what ``model.compile()`` was given for every argument left unset."""
         if not getattr(model, "compiled", False):
             return
-        config = getattr(getattr(model, "_compile_config", None), "config", {}) or {}
-        if self._optimizer_spec is None and getattr(model, "optimizer", None) is not None:
-            self._optimizer_spec = model.optimizer
-        if self._loss_spec is None and config.get("loss") is not None:
-            self._loss_spec = config["loss"]
-            if self._loss_weights_spec is None:
-                self._loss_weights_spec = config.get("loss_weights")
-        if self._metrics_spec is None and self._weighted_metrics_spec is None:
-            self._metrics_spec = config.get("metrics")
-            self._weighted_metrics_spec = config.get("weighted_metrics")
+        config = _private.compile_config(model)
+        arguments = self._arguments
+        if arguments.optimizer is None and getattr(model, "optimizer", None) is not None:
+            arguments.optimizer = model.optimizer
+        if arguments.loss is None and config.get("loss") is not None:
+            arguments.loss = config["loss"]
+            if arguments.loss_weights is None:
+                arguments.loss_weights = config.get("loss_weights")
+        if arguments.metrics is None and arguments.weighted_metrics is None:
+            arguments.metrics = config.get("metrics")
+            arguments.weighted_metrics = config.get("weighted_metrics")
             self.torchmetrics = torch.nn.ModuleList(
-                _torchmetrics_in(self._metrics_spec, self._weighted_metrics_spec)
+                _torchmetrics_in(arguments.metrics, arguments.weighted_metrics)
             )
 
-    @override
-    def configure_model(self) -> None:
+    def _require_model(self) -> keras.Model:
+        """The Keras model; built from the factory first if needed."""
+        if self.model is None:
+            self._build_model()
+        assert self.model is not None
+        return self.model
+
+    def _build_model(self) -> None:
         if self.model is None:
             assert self._model_factory is not None
             with self.keras_scope():
                 model = self._model_factory()
             if not isinstance(model, keras.Model):
-                raise ArgumentTypeError(
+                raise KerasLightningTypeError(
                     "The `model` factory must return a keras.Model; it returned "
                     f"{type(model).__name__}."
                 )
             self.model = model
             self._adopt_compile_config(model)
-        if not _is_built(self.model):
-            batch = _peek_first_batch(self._trainer)
-            if batch is not None:
-                self.build_from_batch(batch)
-        if self._trainer is not None:  # before Lightning converts the module (precision.py)
-            precision.check_precision(self._trainer.precision, self.model)
 
     def build_from_batch(self, batch: Any) -> None:
         """Create the model's variables by running it once on ``batch``'s ``x``."""
         x, _, _ = unpack_batch(batch)
         with torch.no_grad(), self.keras_scope():
-            self.require_model()(x, training=False)
-
-    def require_model(self) -> keras.Model:
-        """The Keras model; built from the factory first if needed."""
-        if self.model is None:
-            self.configure_model()
-        assert self.model is not None
-        return self.model
+            self._require_model()(x, training=False)
 
     @contextlib.contextmanager
     def keras_scope(self) -> Iterator[None]:
         """Run Keras on the device Lightning assigned to this module."""
-        target = self.device
-        if distributed.same_device(target, distributed.keras_default_device()):
-            yield
-            return
-        with keras.device(str(target)):
+        with devices.keras_device(self.device):
             yield
 
-    # ------------------------------------------------------------------ forward and loss
+    @property
+    def compile_stats(self) -> CompileStats | None:
+        """What ``torch.compile`` did (:class:`~keras_lightning.compiled.CompileStats`), or None."""
+        return self._builtin.compile_stats
+
+    def _steps(self, stage: str) -> BuiltinSteps | KerasSteps:
+        """The step strategy of ``stage``: the model's own step where it defines one."""
+        model = self._require_model()
+        method = "train_step" if stage == "train" else "test_step"
+        return self._keras_steps if overrides_step(model, method) else self._builtin
+
+    def _uses_keras_train_step(self) -> bool:
+        return self.model is not None and overrides_step(self.model, "train_step")
+
+    @property  # type: ignore[override]
+    def automatic_optimization(self) -> bool:
+        """False when the Keras model's own ``train_step`` optimizes (manual optimization)."""
+        if self._uses_keras_train_step():
+            return False
+        return bool(self.__dict__.get("_automatic_optimization", True))
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        self.__dict__["_automatic_optimization"] = value
+
+    # ------------------------------------------------------------------ forward, loss, helpers
 
     @override
     def forward(self, x: Any, training: bool = False) -> Any:
         """Run the Keras model with an explicit ``training`` flag."""
-        return self.require_model()(x, training=training)
+        return self._require_model()(x, training=training)
 
     def compute_loss(
         self, y_pred: Any, y: Any, sample_weight: Any = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The configured loss (order handled, ``model.losses`` added) and per-output losses."""
-        objective = self._resolve_objective(y_pred, y)
-        _, outputs = output_structure(y_pred, self.model)
-        total, parts = objective(outputs, y, sample_weight, list(self.model.losses))
-        assert objective.names is not None
-        named = {
-            f"{name}_loss": part
-            for name, part in zip(objective.names, parts, strict=True)
-            if part is not None
-        }
-        return total, (named if len(objective.names) > 1 else {})
+        return self._builtin.compute_loss(y_pred, y, sample_weight)
 
-    def _resolve_objective(self, y_pred: Any, y: Any) -> Objective:
-        if self._objective is None or not self._objective.resolved:
-            names, outputs = output_structure(y_pred, self.model)
-            targets = align_targets(y, names) if y is not None else [None] * len(names)
-            objective = Objective(self._loss_spec, self._loss_weights_spec, self._class_weight)
-            objective.resolve(names, targets, outputs)
-            self._objective = objective
-        return self._objective
+    def backward_and_step(self, loss: torch.Tensor, optimizer: Any = None) -> None:
+        """Backward ``loss`` and step one configured optimizer (Keras or torch).
 
-    def _bind_stage_metrics(self, stage: str, y_pred: Any, y: Any) -> EpochState:
-        state = self._stages[stage]
-        if state.metrics is None:
-            names, outputs = output_structure(y_pred, self.model)
-            targets = align_targets(y, names) if y is not None else [None] * len(names)
-            if y is None:
-                state.metrics = []
-            else:
-                state.metrics = bind_metrics(
-                    self._metrics_spec,
-                    self._weighted_metrics_spec,
-                    names,
-                    targets,
-                    outputs,
-                    copy=stage != "train",
-                )
-                for metric in state.metrics:
-                    if metric.is_torchmetric:
-                        metric.metric.to(self.device)
-                    else:  # a Keras metric object may have been built on Keras' default device
-                        distributed.place_variables(metric.metric.variables, self.device)
-        return state
+        Zeroes that optimizer's gradients, runs ``self.manual_backward(loss)`` (so precision
+        plugins and DDP gradient averaging apply) and steps it. Use it in a ``training_step`` of
+        a subclass that sets ``self.automatic_optimization = False``. (Keras' own
+        ``apply_gradients`` takes gradients; this takes the loss.)
 
-    def _forward_and_loss(
-        self, x: Any, y: Any, sample_weight: Any, training: bool
-    ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
-        """The model output, the loss and per-output losses: the part ``compile`` captures."""
-        y_pred = self.require_model()(x, training=training)
-        loss, output_losses = self.compute_loss(y_pred, y, sample_weight)
-        return y_pred, loss, output_losses
+        Args:
+            loss: The scalar to minimize.
+            optimizer: One of ``self.optimizers()``; may be left out when
+                ``configure_optimizers`` returns a single optimizer.
 
-    def _step_function(self) -> Callable[..., Any]:
-        """Eager on the first batch (it resolves losses and metrics), then compiled if asked."""
-        if self._compile_backend is None or self._objective is None:
-            return self._forward_and_loss
-        if self._compiled_step is None:
-            self._compiled_step = CompiledStep(self._forward_and_loss, self._compile_backend)
-        return self._compiled_step
+        Raises:
+            ConfigurationError: Automatic optimization is on, or several optimizers are
+                configured and none was chosen.
 
-    @property
-    def compile_stats(self) -> Any:
-        """What ``torch.compile`` did (:class:`~keras_lightning.compiled.CompileStats`), or None."""
-        return None if self._compiled_step is None else self._compiled_step.stats
+        Example:
+            >>> import keras, lightning, torch
+            >>> import keras_lightning as kl
+            >>> class Module(kl.KerasLightningModule):
+            ...     def __init__(self, model):
+            ...         super().__init__(model, optimizer="sgd", loss="mse")
+            ...         self.automatic_optimization = False
+            ...     def training_step(self, batch, batch_idx):
+            ...         x, y = batch
+            ...         loss, _ = self.compute_loss(self(x, training=True), y)
+            ...         self.backward_and_step(loss)
+            >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+            >>> data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 1))
+            >>> trainer = lightning.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+            ...                             enable_checkpointing=False, enable_model_summary=False)
+            >>> trainer.fit(Module(model), torch.utils.data.DataLoader(data, batch_size=4))
+            >>> trainer.global_step
+            2
 
-    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
-        x, y, sample_weight = unpack_batch(batch)
-        model = self.require_model()
-        with self.keras_scope():
-            y_pred, loss, output_losses = self._step_function()(
-                x, y, sample_weight, stage == "train"
+        """
+        if self.automatic_optimization:
+            raise ConfigurationError(
+                "backward_and_step() runs the backward pass and the optimizer step itself, "
+                "which needs Lightning's manual optimization. Set `self.automatic_optimization "
+                "= False` in your module's __init__ (after super().__init__(...))."
             )
-            count = batch_size_of(x)
-            state = self._bind_stage_metrics(stage, y_pred, y)
-            state.add_mean("loss", loss, count)
-            for name, value in output_losses.items():
-                state.add_mean(name, value, count)
-            if state.metrics and y is not None:
-                names, outputs = output_structure(y_pred, model)
-                assert self._objective is not None
-                targets = align_targets(y, names)
-                weights = (
-                    self._objective.sample_weight(targets[0], sample_weight)
-                    if len(names) == 1
-                    else sample_weight
-                )
-                with torch.no_grad():
-                    state.update_metrics([o.detach() for o in outputs], targets, weights)
-        return loss
+        if optimizer is None:
+            optimizers = self.optimizers()
+            if isinstance(optimizers, list | tuple):
+                if len(optimizers) != 1:
+                    raise ConfigurationError(
+                        f"configure_optimizers returned {len(optimizers)} optimizers, so "
+                        "backward_and_step(loss) does not know which one to step. Pass it: "
+                        "`opt_d, opt_g = self.optimizers(); self.backward_and_step(loss, opt_d)`."
+                    )
+                optimizers = optimizers[0]
+            optimizer = optimizers
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
 
-    # ------------------------------------------------------------------ Lightning hooks
+    def apply_gradients(self, loss: torch.Tensor, optimizer: Any = None) -> None:
+        """Deprecated name of :meth:`backward_and_step` (Keras' method of this name takes
+        gradients, not a loss).
+        """
+        warnings.warn(
+            "KerasLightningModule.apply_gradients(loss) is deprecated: it is named "
+            "backward_and_step(loss), since Keras' apply_gradients takes gradients. Call "
+            "self.backward_and_step(loss, optimizer).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.backward_and_step(loss, optimizer)
+
+    def update_metrics(
+        self,
+        y_pred: Any,
+        y: Any,
+        sample_weight: Any = None,
+        *,
+        loss: torch.Tensor | None = None,
+        stage: str | None = None,
+    ) -> None:
+        """Accumulate the configured metrics (and the mean ``loss``) for this epoch's logs.
+
+        The epoch values are logged under Keras' names (``loss``, ``mae``, ``val_mae``...) at
+        epoch end, exactly as the built-in steps do: computed from the state accumulated over
+        the whole epoch (and all processes), not averaged per batch.
+
+        Args:
+            y_pred: The model output for the batch.
+            y: The targets.
+            sample_weight: Per-sample weights (reach ``weighted_metrics`` only, as in Keras).
+            loss: The batch loss, averaged into the epoch's ``loss`` by batch size.
+            stage: ``"train"``, ``"val"`` or ``"test"``; by default the running stage.
+
+        Raises:
+            ConfigurationError: ``stage`` is not one of the three.
+
+        """
+        stage = stage or _running_stage(_private.attached_trainer(self))
+        if stage not in ("train", "val", "test"):
+            raise ConfigurationError(
+                f"update_metrics(stage={stage!r}): expected one of 'train', 'val', 'test'."
+            )
+        self._builtin.update_metrics(stage, y_pred, y, sample_weight, loss)
+
+    @staticmethod
+    def unpack_batch(batch: Any) -> tuple[Any, Any, Any]:
+        """Split a batch into ``(x, y, sample_weight)`` as Keras' ``fit`` does."""
+        return unpack_batch(batch)
+
+    # ------------------------------------------------------------------ steps
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if self.uses_keras_train_step():  # the Keras model's own train_step (custom_steps.py)
-            return self.keras_train_step(batch, batch_idx)
-        loss = self._shared_step(batch, "train")
-        if self._step_loss_wanted(batch_idx):
-            self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        return loss
-
-    def _step_loss_wanted(self, batch_idx: int) -> bool:
-        """Whether this step's ``loss`` is logged: ``self.log`` costs as much as a small model.
-
-        It is logged on every step while a progress bar shows it; otherwise on the steps a
-        logger writes (every ``Trainer(log_every_n_steps=...)``) and on the first and last
-        batch of each epoch, so that ``trainer.callback_metrics["loss"]`` exists and holds the
-        last batch's loss in callbacks' ``on_train_epoch_end``. The epoch's exact mean is
-        logged after them, at the module's epoch end.
-        """
-        trainer = self._trainer
-        if trainer is None or batch_idx == 0:
-            return True
-        bar = trainer.progress_bar_callback
-        if bar is not None and bar.is_enabled:
-            return True
-        if batch_idx + 1 >= trainer.num_training_batches:
-            return True
-        if not trainer.loggers:
-            return False
-        connector = getattr(trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        return self._steps("train").training_step(batch, batch_idx)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if self.uses_keras_test_step():
-            return self.keras_test_step(batch, "val")
-        return self._shared_step(batch, "val")
+        return self._steps("val").evaluation_step(batch, "val")
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if self.uses_keras_test_step():
-            return self.keras_test_step(batch, "test")
-        return self._shared_step(batch, "test")
+        return self._steps("test").evaluation_step(batch, "test")
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         x, _, _ = unpack_batch(batch)
         with self.keras_scope():
-            return self.require_model()(x, training=False)
+            return self._require_model()(x, training=False)
+
+    # ------------------------------------------------------------------ hooks
+    # Each hook below is for users; its library part is the `_library_<hook>` method after it,
+    # which runs before the hook's body whatever a subclass overrides (lifecycle.py).
 
     @override
-    def on_train_epoch_start(self) -> None:
-        with self.keras_scope():  # Keras metric resets create tensors
-            self._stages["train"].reset()
-        self.keras_epoch_start("train")
+    def configure_model(self) -> None:
+        pass
 
-    @override
-    def on_validation_epoch_start(self) -> None:
-        distributed.average_non_trainable(self.model)  # same BatchNorm statistics on every rank
-        with self.keras_scope():  # Keras metric resets create tensors
-            self._stages["val"].reset()
-        self.keras_epoch_start("val")
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        with self.keras_scope():  # Keras metric resets create tensors
-            self._stages["test"].reset()
-        self.keras_epoch_start("test")
-
-    @override
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
-        self.keras_train_epoch_end()
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-        self.keras_epoch_end("val")
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
-        self.keras_epoch_end("test")
-
-    def _log_epoch(self, stage: str) -> None:
-        with self.keras_scope():  # Keras metric results are computed with Keras ops
-            values = self._stages[stage].compute(self._all_reduce())
-        prefix = _STAGE_PREFIX[stage]
-        for name, value in values.items():
-            self.log(name, value, prog_bar=name == f"{prefix}loss", on_epoch=True, on_step=False)
-
-    def _all_reduce(self) -> Callable[[torch.Tensor], None] | None:
-        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return None
-        if torch.distributed.get_world_size() == 1:
-            return None
-
-        def all_reduce(tensor: torch.Tensor) -> None:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-
-        return all_reduce
-
-    # ------------------------------------------------------------------ processes (distributed.py)
+    def _library_configure_model(self) -> None:
+        self._build_model()
+        assert self.model is not None
+        if not _is_built(self.model):
+            batch = _peek_first_batch(_private.attached_trainer(self))
+            if batch is not None:
+                self.build_from_batch(batch)
+        trainer = _private.attached_trainer(self)
+        if trainer is not None:  # before Lightning converts the module (precision.py)
+            precision.check_precision(trainer.precision, self.model)
 
     @override
     def setup(self, stage: str) -> None:
-        distributed.move_to_lightning_device(self, self._trainer)  # configure_model builds there
-        checkpoints.use_atomic_writes(self._trainer)  # a killed write keeps the last checkpoint
+        pass
+
+    def _library_setup(self, stage: str) -> None:
+        trainer = _private.attached_trainer(self)
+        devices.move_to_lightning_device(self, trainer)  # configure_model builds there
+        checkpoint.use_atomic_writes(trainer)  # a killed write keeps the last checkpoint
 
     @override
     def configure_callbacks(self) -> Any:
-        # The first hook a forked worker (ddp_notebook) runs: refuse a parent that used CUDA.
-        distributed.check_fork(model_given_built=self._model_factory is None)
         return []
+
+    def _library_configure_callbacks(self) -> None:
+        # The first hook a forked worker (ddp_notebook) runs: refuse a parent that used CUDA.
+        devices.check_fork(model_given_built=self._model_factory is None)
 
     @override
     def on_train_start(self) -> None:
-        distributed.start_of_training(self.model)  # per-rank dropout randomness
+        pass
+
+    def _library_on_train_start(self) -> None:
+        replicas.start_of_training(self.model)  # per-rank dropout randomness
 
     @override
     def on_train_end(self) -> None:
-        distributed.end_of_training(self.model)  # every rank ends with the same model
+        pass
+
+    def _library_on_train_end(self) -> None:
+        replicas.end_of_training(self.model)  # every rank ends with the same model
 
     @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.keras_train_batch_start()
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return None
+
+    def _library_on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._steps("train").train_batch_start()
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        pass
+
+    def _library_on_train_epoch_start(self) -> None:
+        self._steps("train").epoch_start("train")
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        pass
+
+    def _library_on_validation_epoch_start(self) -> None:
+        replicas.average_non_trainable(self.model)  # same BatchNorm statistics on every rank
+        self._steps("val").epoch_start("val")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        pass
+
+    def _library_on_test_epoch_start(self) -> None:
+        self._steps("test").epoch_start("test")
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        pass
+
+    def _library_on_train_epoch_end(self) -> None:
+        self._steps("train").epoch_end("train")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        pass
+
+    def _library_on_validation_epoch_end(self) -> None:
+        self._steps("val").epoch_end("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        pass
+
+    def _library_on_test_epoch_end(self) -> None:
+        self._steps("test").epoch_end("test")
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        distributed.sync_checkpoint_state(self.model, checkpoint["state_dict"], self.state_dict)
-        self.save_keras_optimizers(checkpoint)  # optimizers a custom compile() created
-        checkpoints.on_save_checkpoint(self, checkpoint)  # model config, arguments, RNG states
+        pass
+
+    def _library_on_save_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        replicas.sync_checkpoint_state(self.model, ckpt["state_dict"], self.state_dict)
+        if self._uses_keras_train_step():  # optimizers a custom compile() created
+            self._keras_steps.save_checkpoint(ckpt)
+        checkpoint.on_save_checkpoint(self.model, self._arguments, ckpt)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.load_keras_optimizers(checkpoint)
-        checkpoints.on_load_checkpoint(self, checkpoint)
+        pass
+
+    def _library_on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        load_checkpoint(self._require_model(), ckpt)
+        checkpoint.on_load_checkpoint(_private.attached_trainer(self), ckpt)
+
+    # ------------------------------------------------------------------ optimizers
+
+    @override
+    def configure_optimizers(self) -> Any:
+        arguments = self._arguments
+        if self._uses_keras_train_step():
+            return self._keras_steps.configure_optimizers(
+                arguments.optimizer, arguments.lr_scheduler
+            )
+        model = self._require_model()
+        if arguments.optimizer is None:
+            raise ConfigurationError(
+                "KerasLightningModule(optimizer=...) is needed to train: pass a Keras "
+                "optimizer or its name (optimizer='adam'), a torch optimizer class "
+                "(optimizer=torch.optim.Adam), or compile() the Keras model first."
+            )
+        if not model.trainable_variables:
+            raise ConfigurationError(
+                "The Keras model has no trainable variables yet: it is not built. Give it an "
+                "keras.Input, call it once on a batch, or let the Trainer build it from the "
+                "first batch (pass the dataloaders to trainer.fit)."
+            )
+        with self.keras_scope():  # Keras optimizer variables on this module's device
+            optimizer = resolve_optimizer(arguments.optimizer, model)
+        if arguments.lr_scheduler is None:
+            return optimizer
+        if isinstance(optimizer, KerasOptimizer) and optimizer.lr_is_schedule:
+            raise ConfigurationError(
+                "Both a Keras LearningRateSchedule (in the Keras optimizer) and `lr_scheduler` "
+                "were given; they would fight over the learning rate. Keep one: a Keras "
+                "optimizer with a float learning_rate plus lr_scheduler=..., or the Keras "
+                "schedule alone."
+            )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": _build_scheduler(arguments.lr_scheduler, optimizer),
+        }
+
+    # ------------------------------------------------------------------ state and pickling
 
     @override
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
-        """Load stable keys (``checkpoint.py``); a strict mismatch raises ``CheckpointError``."""
-        checkpoints.check_state_dict(self, state_dict, strict)
+        """Load stable keys (``checkpoint/keys.py``); a strict mismatch raises CheckpointError."""
+        checkpoint.check_state_dict(self, state_dict, strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (``ddp_spawn``); a Keras train_step model that cannot be pickled fails clearly."""
+        state: dict[str, Any] = super().__getstate__()
+        if self._uses_keras_train_step():
+            check_picklable(self.model)
+        return state
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -475,7 +569,7 @@ class KerasLightningModule(CustomStepsMixin, L.LightningModule):
             >>> module = KerasLightningModule.load_from_checkpoint("last.ckpt")  # doctest: +SKIP
 
         """
-        return checkpoints.load_module(
+        return checkpoint.load_module(
             cls,
             checkpoint_path,
             map_location=map_location,
@@ -487,37 +581,8 @@ class KerasLightningModule(CustomStepsMixin, L.LightningModule):
             **kwargs,
         )
 
-    @override
-    def configure_optimizers(self) -> Any:
-        if self.uses_keras_train_step():
-            return self.configure_keras_side_optimizers()
-        model = self.require_model()
-        if self._optimizer_spec is None:
-            raise ConfigurationError(
-                "KerasLightningModule(optimizer=...) is needed to train: pass a Keras "
-                "optimizer or its name (optimizer='adam'), a torch optimizer class "
-                "(optimizer=torch.optim.Adam), or compile() the Keras model first."
-            )
-        if not model.trainable_variables:
-            raise ConfigurationError(
-                "The Keras model has no trainable variables yet: it is not built. Give it an "
-                "keras.Input, call it once on a batch, or let the Trainer build it from the "
-                "first batch (pass the dataloaders to trainer.fit)."
-            )
-        with self.keras_scope():  # Keras optimizer variables on this module's device
-            optimizer = resolve_optimizer(self._optimizer_spec, model)
-        if self._lr_scheduler_spec is None:
-            return optimizer
-        if isinstance(optimizer, KerasOptimizer) and optimizer.lr_is_schedule:
-            raise ConfigurationError(
-                "Both a Keras LearningRateSchedule (in the Keras optimizer) and `lr_scheduler` "
-                "were given; they would fight over the learning rate. Keep one: a Keras "
-                "optimizer with a float learning_rate plus lr_scheduler=..., or the Keras "
-                "schedule alone."
-            )
-        return {"optimizer": optimizer, "lr_scheduler": _build_scheduler(
-            self._lr_scheduler_spec, optimizer
-        )}
+
+guard_hooks(KerasLightningModule)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -531,6 +596,13 @@ def _leaves(spec: Any) -> list[Any]:
     return [spec]
 
 
+def _validate_loss_spec(loss: Any) -> None:
+    for spec in _leaves(loss):
+        if spec is None or (isinstance(spec, str) and spec.lower() in ("crossentropy", "ce")):
+            continue
+        resolve_loss(spec)
+
+
 def _torchmetrics_in(*specs: Any) -> list[torchmetrics.Metric]:
     leaves = (leaf for spec in specs for leaf in _leaves(spec))
     return [leaf for leaf in leaves if isinstance(leaf, torchmetrics.Metric)]
@@ -540,20 +612,21 @@ def _is_built(model: keras.Model) -> bool:
     return bool(model.built) and len(model.variables) > 0
 
 
+def _running_stage(trainer: Any) -> str:
+    if trainer is None or trainer.training:
+        return "train"
+    if trainer.testing:
+        return "test"
+    return "val"
+
+
 def _peek_first_batch(trainer: Any) -> Any:
     """The first batch of the running stage's dataloader, to build an unbuilt model."""
     if trainer is None:
         return None
-    loop = {
-        "fit": trainer.fit_loop,
-        "validate": trainer.validate_loop,
-        "test": trainer.test_loop,
-        "predict": trainer.predict_loop,
-    }.get(str(trainer.state.fn.value) if trainer.state.fn else "")
-    source = getattr(loop, "_data_source", None)
-    if source is None or not source.is_defined():
+    loaders = _private.stage_dataloaders(trainer)
+    if loaders is None:
         return None
-    loaders = source.dataloader()
     if isinstance(loaders, Mapping):
         loaders = next(iter(loaders.values()))
     elif isinstance(loaders, list | tuple):
@@ -566,7 +639,7 @@ def _check_lr_scheduler(spec: Any) -> Any:
         return None
     scheduler = spec.get("scheduler") if isinstance(spec, Mapping) else spec
     if not callable(scheduler):
-        raise ArgumentTypeError(
+        raise KerasLightningTypeError(
             "`lr_scheduler` must be a callable optimizer -> scheduler, e.g. "
             "`lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1)`, or a Lightning "
             "dict {'scheduler': that_callable, 'interval': 'step'}; received "
@@ -589,7 +662,7 @@ def _call_scheduler(factory: Any, optimizer: torch.optim.Optimizer) -> Any:
         scheduler,
         torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
     ):
-        raise ArgumentTypeError(
+        raise KerasLightningTypeError(
             "`lr_scheduler` was called with the optimizer and returned "
             f"{type(scheduler).__name__}, not a torch LR scheduler. Return e.g. "
             "torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)."

@@ -31,6 +31,7 @@ this package never calls its ``scale_loss`` (its ``apply`` would divide unscaled
 
 from __future__ import annotations
 
+from keras_lightning import _private
 from keras_lightning.exceptions import ConfigurationError
 
 from typing import Any
@@ -49,7 +50,7 @@ def _float_variable_dtypes(model: Any) -> set[str]:
 def _float16_compute_layers(model: Any) -> list[str]:
     """Layers computing in float16 on float32 variables (the ``mixed_float16`` policy)."""
     names = []
-    for layer in model._flatten_layers(include_self=True):
+    for layer in _private.flatten_layers(model):
         policy = getattr(layer, "dtype_policy", None)
         if (
             policy is not None

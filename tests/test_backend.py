@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+import keras
+import lightning as L
+import pytest
+
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
@@ -69,22 +73,61 @@ def test_import_starts_no_training_machinery():
 
 
 def test_public_surface_is_pinned():
-    assert set(kl.__all__) >= {
-        "KerasLightningModule",
-        "KerasOptimizer",
-        "keras_loss",
-        "torch_loss",
-        "KerasLightningError",
-        "ConfigurationError",
-        "ArgumentTypeError",
-        "BatchError",
-        "ShapeMismatchError",
+    # Exactly these names: a new public name is a decision, made here on purpose.
+    assert sorted(kl.__all__) == [
+        "AtomicCheckpointIO",
         "BackendError",
+        "BatchError",
         "CheckpointError",
-    }
+        "ConfigurationError",
+        "KerasLightningError",
+        "KerasLightningModule",
+        "KerasLightningTypeError",
+        "KerasLoss",
+        "KerasOptimizer",
+        "ShapeMismatchError",
+        "TorchLoss",
+        "__version__",
+        "export_keras",
+        "flatten_logs",
+        "keras_loss",
+        "model_from_checkpoint",
+        "torch_loss",
+    ]
     for name in kl.__all__:
         assert hasattr(kl, name), name
     for name in kl.__all__:
         error = getattr(kl, name)
         if isinstance(error, type) and issubclass(error, Exception):
             assert issubclass(error, kl.KerasLightningError)
+
+
+def test_module_public_surface_beyond_lightning_is_pinned():
+    # What a user subclass gains over a plain LightningModule: what users call, nothing else.
+    added = {
+        name
+        for name in dir(kl.KerasLightningModule)
+        if not name.startswith("_") and not hasattr(L.LightningModule, name)
+    }
+    assert added == {
+        "apply_gradients",  # deprecated name of backward_and_step
+        "backward_and_step",
+        "build_from_batch",
+        "compile_stats",
+        "compute_loss",
+        "keras_scope",
+        "unpack_batch",
+        "update_metrics",
+    }
+
+
+def test_renamed_names_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="kl.KerasLightningTypeError"):
+        old = kl.ArgumentTypeError
+    assert old is kl.KerasLightningTypeError
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    with pytest.warns(DeprecationWarning, match="jit_compile=True"):
+        module = kl.KerasLightningModule(model, optimizer="sgd", loss="mse", compile=True)
+    assert module._builtin.compile_backend == "eager"
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        kl.NoSuchName  # noqa: B018

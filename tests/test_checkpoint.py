@@ -336,7 +336,7 @@ WRITER = """
 import sys, time, torch
 import fsspec.implementations.local as local
 import keras_lightning as kl
-import keras_lightning.checkpoint as checkpoint
+import keras_lightning.checkpoint.files as files
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 state = {"n": 0}
@@ -365,7 +365,7 @@ class SlowFile:
         self.file.close()
 
 local.LocalFileOpener.write = slow_write(local.LocalFileOpener.write)
-checkpoint.open = SlowFile  # what AtomicCheckpointIO writes through
+files.open = SlowFile  # what AtomicCheckpointIO writes through
 io = kl.AtomicCheckpointIO() if sys.argv[1] == "atomic" else TorchCheckpointIO()
 while True:
     state["n"] += 1
@@ -510,14 +510,14 @@ def test_load_from_checkpoint_rebuilds_model_and_arguments(digits: dict, tmp_pat
     np.testing.assert_allclose(
         predict(restored, digits["x_val"]), predict(module, digits["x_val"]), atol=1e-6
     )
-    optimizer = restored._optimizer_spec
+    optimizer = restored._arguments.optimizer
     assert isinstance(optimizer, keras.optimizers.Adam)
     assert optimizer.get_config()["learning_rate"]["config"]["decay_steps"] == 5
-    assert isinstance(restored._loss_spec, keras.losses.SparseCategoricalCrossentropy)
-    assert restored._loss_spec.get_config()["from_logits"] is True
-    assert restored._metrics_spec[0] == "accuracy"
-    assert restored._metrics_spec[1].get_config()["k"] == 3
-    assert restored._class_weight == {0: 2.0}
+    assert isinstance(restored._arguments.loss, keras.losses.SparseCategoricalCrossentropy)
+    assert restored._arguments.loss.get_config()["from_logits"] is True
+    assert restored._arguments.metrics[0] == "accuracy"
+    assert restored._arguments.metrics[1].get_config()["k"] == 3
+    assert restored._arguments.class_weight == {0: 2.0}
     val = loader(digits["x_val"], digits["y_val"], batch_size=64)
     original_scores = make_trainer().validate(module, val, verbose=False)[0]
     restored_scores = make_trainer().validate(restored, val, verbose=False)[0]
@@ -591,7 +591,7 @@ def test_torch_objects_must_be_passed_again(digits: dict, tmp_path: Path) -> Non
     restored = kl.KerasLightningModule.load_from_checkpoint(
         path, optimizer=torch.optim.Adam, loss=torch.nn.CrossEntropyLoss()
     )
-    assert restored._metrics_spec == ["accuracy"]
+    assert restored._arguments.metrics == ["accuracy"]
     np.testing.assert_allclose(
         predict(restored, digits["x_val"]), predict(module, digits["x_val"]), atol=1e-6
     )
@@ -711,4 +711,4 @@ def test_training_starts_from_a_keras_file(digits: dict, tmp_path: Path) -> None
 
 def test_public_names() -> None:
     assert {"export_keras", "model_from_checkpoint"} <= set(kl.__all__)
-    assert kl.export_keras is kl.checkpoint.export_keras
+    assert kl.export_keras is kl.checkpoint.export.export_keras

@@ -1,4 +1,4 @@
-"""compile=True: same losses as eager, few compiles, no graph breaks, eager fallback."""
+"""jit_compile=True: same losses as eager, few compiles, no graph breaks, eager fallback."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def discriminator(seed: int = 0) -> keras.Model:
 
 
 def train(model_fn, x, y, compile, val=None, epochs=2, **kwargs):
-    module = kl.KerasLightningModule(model_fn(), compile=compile, **kwargs)
+    module = kl.KerasLightningModule(model_fn(), jit_compile=compile, **kwargs)
     record = StepLosses()
     trainer = make_trainer(max_epochs=epochs, callbacks=[record])
     val_loader = None if val is None else loader(*val, batch_size=50)
@@ -69,8 +69,8 @@ def test_resolve_compile(spec, backend):
 
 @pytest.mark.parametrize("spec", ["fast", 1, "max-autotune"])
 def test_bad_compile_argument_is_refused_with_the_fix(spec):
-    with pytest.raises(kl.ConfigurationError, match=r"`compile` must be True, False or"):
-        kl.KerasLightningModule(regularized_mlp(), optimizer="adam", loss="mse", compile=spec)
+    with pytest.raises(kl.ConfigurationError, match=r"`jit_compile` must be True, False or"):
+        kl.KerasLightningModule(regularized_mlp(), optimizer="adam", loss="mse", jit_compile=spec)
 
 
 def test_compiled_losses_equal_eager_with_model_losses(digits):

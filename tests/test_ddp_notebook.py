@@ -6,7 +6,7 @@ is registered globally).
 
 from __future__ import annotations
 
-from keras_lightning.distributed import fork_error
+from keras_lightning.devices import fork_error
 
 import json
 import os
@@ -155,7 +155,7 @@ def test_fork_error_message(built: bool, bad_fork: bool, expected: str | None) -
 
 
 def test_no_bad_fork_in_this_process() -> None:
-    from keras_lightning.distributed import in_bad_cuda_fork
+    from keras_lightning._private import in_bad_cuda_fork
 
     assert in_bad_cuda_fork() is False
     assert os.getpid() > 0

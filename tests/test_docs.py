@@ -35,7 +35,7 @@ def _literal_pieces(node: ast.AST) -> list[str]:
 def _package_errors() -> list[tuple[str, int, str]]:
     """(file, line, the first words of its first literal fragment) for each error built."""
     found = []
-    for path in sorted((ROOT / "keras_lightning").glob("*.py")):
+    for path in sorted((ROOT / "keras_lightning").rglob("*.py")):
         tree = ast.parse(path.read_text())
         shims = {  # Keras' own messages, reproduced in the dynamo substitutes (compiled.py)
             id(inner)
@@ -47,14 +47,14 @@ def _package_errors() -> list[tuple[str, int, str]]:
             if id(node) in shims or not isinstance(node, ast.Call) or not node.args:
                 continue
             name = getattr(node.func, "id", "")
-            if not name.endswith("Error"):
+            if not name.endswith("Error") or name == "AttributeError":  # module __getattr__
                 continue
             fragments = [
                 _normalize(f) for f in "".join(_literal_pieces(node.args[0])).split("\0")
             ]
             fragments = [f for f in fragments if len(f) >= 12]
             if fragments:
-                found.append((path.name, node.lineno, " ".join(fragments[0].split()[:4])))
+                found.append((str(path.relative_to(ROOT / "keras_lightning")), node.lineno, " ".join(fragments[0].split()[:4])))
     return found
 
 

@@ -53,7 +53,7 @@ def _module(model: Any, optimizer: Any = None, metrics: Any = None) -> kl.KerasL
 
 
 def _devices_of(variables: Any) -> set[torch.device]:
-    return {kl.distributed.parameter_of(v).device for v in variables}
+    return {kl.devices.parameter_of(v).device for v in variables}
 
 
 def _fit(module: Any, digits: dict[str, np.ndarray], **trainer: Any) -> Any:
@@ -72,7 +72,7 @@ class _Where(kl.KerasLightningModule):
     def on_train_batch_end(self, *args: Any) -> None:
         if not hasattr(self, "where"):
             optimizer = self.trainer.optimizers[0].keras_optimizer
-            metrics = [m.metric for m in self._stages["train"].metrics or () if not m.is_torchmetric]
+            metrics = [m.metric for m in self._builtin.stages["train"].metrics or () if not m.is_torchmetric]
             self.where = {
                 "model": _devices_of(self.model.variables),
                 "optimizer": _devices_of(optimizer.variables),

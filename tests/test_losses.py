@@ -95,7 +95,7 @@ def test_crossentropy_alias_resolves_from_shapes_like_keras():
 
 
 def test_plain_callable_is_refused_with_both_markers_in_the_message():
-    with pytest.raises(kl.ArgumentTypeError, match=r"kl\.keras_loss\(fn\).*kl\.torch_loss\(fn\)"):
+    with pytest.raises(kl.KerasLightningTypeError, match=r"kl\.keras_loss\(fn\).*kl\.torch_loss\(fn\)"):
         resolve_loss(lambda a, b: (a - b).abs().mean())
 
 
@@ -109,12 +109,12 @@ def test_unknown_loss_name_suggests_close_names():
 
 
 def test_non_callable_loss_is_refused_naming_the_argument():
-    with pytest.raises(kl.ArgumentTypeError, match=r"`loss` must be .* Received: loss=42"):
+    with pytest.raises(kl.KerasLightningTypeError, match=r"`loss` must be .* Received: loss=42"):
         resolve_loss(42)
 
 
 def test_marker_requires_a_callable():
-    with pytest.raises(kl.ArgumentTypeError, match=r"kl\.torch_loss\(fn\)` expects a callable"):
+    with pytest.raises(kl.KerasLightningTypeError, match=r"kl\.torch_loss\(fn\)` expects a callable"):
         kl.torch_loss("mse")
 
 

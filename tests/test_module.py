@@ -285,17 +285,17 @@ def test_bf16_mixed_on_cpu_trains_with_float32_weights(digits):
 
 def test_non_model_is_refused_with_the_fix():
     with pytest.raises(
-        kl.ArgumentTypeError, match=r"`model` must be a keras.Model .* received int"
+        kl.KerasLightningTypeError, match=r"`model` must be a keras.Model .* received int"
     ):
         kl.KerasLightningModule(3, loss="mse")
-    with pytest.raises(kl.ArgumentTypeError, match=r"Wrap a single layer as keras.Sequential"):
+    with pytest.raises(kl.KerasLightningTypeError, match=r"Wrap a single layer as keras.Sequential"):
         kl.KerasLightningModule(keras.layers.Dense(3), loss="mse")
 
 
 def test_factory_returning_a_non_model_is_refused(digits):
     module = kl.KerasLightningModule(lambda: "not a model", optimizer="adam", loss="mse")
     with pytest.raises(
-        kl.ArgumentTypeError, match="factory must return a keras.Model; it returned str"
+        kl.KerasLightningTypeError, match="factory must return a keras.Model; it returned str"
     ):
         make_trainer(max_steps=1).fit(module, loader(digits["x_train"][:8], digits["y_train"][:8]))
 
@@ -314,9 +314,9 @@ def test_factory_returning_a_non_model_is_refused(digits):
             kl.ConfigurationError,
             r"`metrics` contains 'acuracy'.*Did you mean",
         ),
-        (dict(loss=lambda a, b: a - b), kl.ArgumentTypeError, r"kl\.keras_loss\(fn\)"),
-        (dict(optimizer=3.0), kl.ArgumentTypeError, r"`optimizer` must be a Keras optimizer"),
-        (dict(lr_scheduler="cosine"), kl.ArgumentTypeError, r"`lr_scheduler` must be a callable"),
+        (dict(loss=lambda a, b: a - b), kl.KerasLightningTypeError, r"kl\.keras_loss\(fn\)"),
+        (dict(optimizer=3.0), kl.KerasLightningTypeError, r"`optimizer` must be a Keras optimizer"),
+        (dict(lr_scheduler="cosine"), kl.KerasLightningTypeError, r"`lr_scheduler` must be a callable"),
     ],
 )
 def test_bad_arguments_fail_early_or_at_configure_with_named_argument(

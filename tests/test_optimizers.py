@@ -71,10 +71,17 @@ def test_loading_state_of_another_optimizer_is_refused():
     model = mlp(hidden=4)
     adam = kl.KerasOptimizer(keras.optimizers.Adam(), model.trainable_variables)
     sgd = kl.KerasOptimizer(keras.optimizers.SGD(), mlp(hidden=4).trainable_variables)
+    before = [v.value.clone() for v in sgd.keras_optimizer.variables]
+    with pytest.raises(kl.CheckpointError, match="is a SGD, but the checkpoint holds the state of an? Adam"):
+        sgd.load_state_dict(adam.state_dict())
+    # A state without the class (written by version 0.1.0) is still checked by count.
+    legacy = {k: v for k, v in adam.state_dict().items() if k != "keras_class"}
     with pytest.raises(
         kl.CheckpointError, match="holds 10 Keras optimizer variables but this optimizer has"
     ):
-        sgd.load_state_dict(adam.state_dict())
+        sgd.load_state_dict(legacy)
+    for variable, value in zip(sgd.keras_optimizer.variables, before, strict=True):
+        assert torch.equal(variable.value, value)  # nothing was assigned
     with pytest.raises(kl.CheckpointError, match="not written by a KerasOptimizer"):
         adam.load_state_dict(torch.optim.SGD(mlp(hidden=4).parameters(), lr=0.1).state_dict())
 
@@ -185,7 +192,7 @@ def test_callable_returning_something_else_is_refused(digits):
     module = kl.KerasLightningModule(
         mlp(), optimizer=lambda params: "adam", loss=torch.nn.CrossEntropyLoss()
     )
-    with pytest.raises(kl.ArgumentTypeError, match="returned str, not a torch.optim.Optimizer"):
+    with pytest.raises(kl.KerasLightningTypeError, match="returned str, not a torch.optim.Optimizer"):
         make_trainer(max_steps=1).fit(module, loader(digits["x_train"][:8], digits["y_train"][:8]))
 
 

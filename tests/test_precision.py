@@ -75,7 +75,7 @@ def _module(model: Any, optimizer: Any = "adam", cls: type = kl.KerasLightningMo
 
 def _flat(model: keras.Model) -> np.ndarray:
     return np.concatenate(
-        [kl.distributed.parameter_of(v).detach().double().numpy().ravel()
+        [kl.devices.parameter_of(v).detach().double().numpy().ravel()
          for v in model.trainable_variables]
     )
 
@@ -169,7 +169,7 @@ def test_true_precisions_refuse_float32_keras_variables(digits, precision, match
     with pytest.raises(kl.ConfigurationError, match=match):
         trainer.fit(module, loader(digits["x_train"][:32], digits["y_train"][:32]))
     # Refused before Lightning converted the module: the user's model is untouched.
-    assert {kl.distributed.parameter_of(v).dtype for v in module.model.variables} == {
+    assert {kl.devices.parameter_of(v).dtype for v in module.model.variables} == {
         torch.float32
     }
     np.testing.assert_array_equal(_flat(module.model), before)

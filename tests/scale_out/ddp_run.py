@@ -15,7 +15,7 @@ training loader a shuffling DistributedSampler, seed 0; validation is not shuffl
 from __future__ import annotations
 
 import keras_lightning as kl  # noqa: I001  (selects the torch backend first)
-from keras_lightning import distributed
+from keras_lightning import devices, replicas
 
 import argparse
 import json
@@ -86,13 +86,13 @@ def build_linear() -> keras.Model:
 
 def flat(variables: Any) -> np.ndarray:
     return np.concatenate(
-        [np.asarray(distributed.parameter_of(v).detach().cpu().double()).ravel()
+        [np.asarray(devices.parameter_of(v).detach().cpu().double()).ravel()
          for v in variables]
     )
 
 
 def stats(model: keras.Model) -> np.ndarray:
-    return flat(distributed.averaged_variables(model))
+    return flat(replicas.averaged_variables(model))
 
 
 class Recorder(L.Callback):
@@ -118,7 +118,7 @@ class Recorder(L.Callback):
             self.arrays["seeded_mask"] = (seeded.detach().cpu().numpy() != 0).astype("int8")
             self.arrays["torch_mask"] = (unseeded.detach().cpu().numpy() != 0).astype("int8")
             self.arrays["seed_states_training"] = flat(
-                distributed.seed_state_variables(module.model)
+                replicas.seed_state_variables(module.model)
             )
 
     def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
@@ -183,9 +183,9 @@ def save(trainer: Any, module: Any, recorder: Recorder, out: Path) -> None:
     arrays["val_post"] = np.asarray(recorder.val_post)
     arrays["final_all"] = flat(model.variables)
     arrays["final_stats"] = stats(model)
-    arrays["final_seed_states"] = flat(distributed.seed_state_variables(model))
+    arrays["final_seed_states"] = flat(replicas.seed_state_variables(model))
     for i, v in enumerate(model.variables):
-        arrays[f"var{i}"] = distributed.parameter_of(v).detach().cpu().numpy()
+        arrays[f"var{i}"] = devices.parameter_of(v).detach().cpu().numpy()
     np.savez(out / f"rank{rank}.npz", **arrays)
     info = {
         "rank": rank,
@@ -194,7 +194,7 @@ def save(trainer: Any, module: Any, recorder: Recorder, out: Path) -> None:
         "strategy": type(trainer.strategy).__name__,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "variable_paths": [v.path for v in model.variables],
-        "stats_paths": [v.path for v in distributed.averaged_variables(model)],
+        "stats_paths": [v.path for v in replicas.averaged_variables(model)],
         "device": recorder.device,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(info))
@@ -251,7 +251,7 @@ class _Weights(L.Callback):
     def on_train_start(self, trainer: Any, module: Any) -> None:
         self.recorder.arrays["initial_weights"] = flat(module.model.trainable_variables)
         self.recorder.arrays["initial_list"] = [
-            distributed.parameter_of(v).detach().cpu().numpy().copy()
+            devices.parameter_of(v).detach().cpu().numpy().copy()
             for v in module.model.trainable_variables
         ]
 

@@ -6,7 +6,7 @@ The multi-process behaviour is in tests/test_ddp.py; these are the single-proces
 from __future__ import annotations
 
 import keras_lightning as kl
-from keras_lightning import distributed
+from keras_lightning import collectives, devices, replicas
 
 import json
 import os
@@ -29,7 +29,7 @@ _META_SCRIPT = """
 import json, sys
 import keras_lightning as kl
 import keras, lightning as L, numpy as np, torch
-from keras_lightning.distributed import parameter_of
+from keras_lightning.devices import parameter_of
 from sklearn.datasets import load_digits
 
 assert str(keras.src.backend.torch.core.get_device()) == "meta"
@@ -54,7 +54,7 @@ fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 test_metrics = trainer.test(module, loader, verbose=False)[0]
 predictions = torch.cat(trainer.predict(module, loader))
 optimizer = trainer.optimizers[0].keras_optimizer
-metric_vars = [v for m in module._stages["val"].metrics for v in m.metric.variables]
+metric_vars = [v for m in module._builtin.stages["val"].metrics for v in m.metric.variables]
 print("RESULT " + json.dumps({
     "model": sorted({str(parameter_of(v).device) for v in module.model.variables}),
     "optimizer": sorted({str(parameter_of(v).device) for v in optimizer.variables}),
@@ -99,14 +99,14 @@ def _seeded_model() -> keras.Model:
 
 def test_offset_seed_states_changes_the_stream_of_rank_1_only():
     model = _seeded_model()
-    (state,) = distributed.seed_state_variables(model)
-    base = distributed.parameter_of(state).clone()
-    distributed.offset_seed_states(model, 0)
-    assert torch.equal(distributed.parameter_of(state), base)
-    distributed.offset_seed_states(model, 1)
-    shifted = distributed.parameter_of(state)
+    (state,) = replicas.seed_state_variables(model)
+    base = devices.parameter_of(state).clone()
+    replicas.offset_seed_states(model, 0)
+    assert torch.equal(devices.parameter_of(state), base)
+    replicas.offset_seed_states(model, 1)
+    shifted = devices.parameter_of(state)
     assert int(shifted[1]) == int(base[1])  # the draw counter is untouched
-    assert (int(shifted[0]) - int(base[0])) % 2**32 == distributed.SEED_STRIDE
+    assert (int(shifted[0]) - int(base[0])) % 2**32 == replicas.SEED_STRIDE
     ones = torch.ones(2, 64)
     layer = model.layers[0]
     twin = _seeded_model()
@@ -120,18 +120,18 @@ def test_offset_seed_states_changes_the_stream_of_rank_1_only():
     [(0, 0), (2**31 - 1, 2**31 - 1), (2**31, -(2**31)), (2**32 + 5, 5), (-1, -1)],
 )
 def test_as_int32_wraps_like_uint32_bits(value, expected):
-    assert distributed._as_int32(value) == expected
+    assert replicas._as_int32(value) == expected
 
 
 def test_fork_torch_rng_gives_ranks_different_streams():
     torch.manual_seed(0)
-    distributed.fork_torch_rng(0)
+    replicas.fork_torch_rng(0)
     rank0 = torch.rand(5)
     torch.manual_seed(0)
-    distributed.fork_torch_rng(1)
+    replicas.fork_torch_rng(1)
     rank1 = torch.rand(5)
     torch.manual_seed(0)
-    distributed.fork_torch_rng(1)
+    replicas.fork_torch_rng(1)
     assert torch.equal(torch.rand(5), rank1)  # deterministic given the starting state
     assert not torch.equal(rank0, rank1)
 
@@ -139,12 +139,12 @@ def test_fork_torch_rng_gives_ranks_different_streams():
 def test_collectives_are_no_ops_outside_a_process_group():
     model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
     before = [np.array(v) for v in model.variables]
-    distributed.average_non_trainable(model)
-    distributed.broadcast_seed_states(model)
-    distributed.end_of_training(model)
+    replicas.average_non_trainable(model)
+    replicas.broadcast_seed_states(model)
+    replicas.end_of_training(model)
     state = {"k": torch.zeros(1)}
-    distributed.sync_checkpoint_state(model, state, lambda: {"k": torch.ones(1)})
-    assert distributed.world() is None
+    replicas.sync_checkpoint_state(model, state, lambda: {"k": torch.ones(1)})
+    assert collectives.world_size() == 1 and not collectives.is_distributed()
     assert state["k"].item() == 0.0
     for a, v in zip(before, model.variables, strict=True):
         np.testing.assert_array_equal(a, np.array(v))
@@ -154,7 +154,7 @@ def test_averaged_variables_are_float_non_trainables_without_seed_states():
     model = keras.Sequential(
         [keras.Input((3,)), keras.layers.BatchNormalization(), keras.layers.Dropout(0.1, seed=1)]
     )
-    paths = [v.path for v in distributed.averaged_variables(model)]
+    paths = [v.path for v in replicas.averaged_variables(model)]
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["moving_mean", "moving_variance"]
 
 
@@ -166,22 +166,22 @@ def test_frozen_layers_are_not_averaged():
     )
     frozen.trainable = False
     frozen_bn.trainable = False
-    paths = [v.path.split("/", 1)[-1] for v in distributed.averaged_variables(model)]
+    paths = [v.path.split("/", 1)[-1] for v in replicas.averaged_variables(model)]
     assert paths == ["live/moving_mean", "live/moving_variance"]
 
 
 def test_place_variables_keeps_the_parameter_objects():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    params = [distributed.parameter_of(v) for v in model.variables]
-    distributed.place_variables(model.variables, torch.device("cpu"))
-    assert [distributed.parameter_of(v) for v in model.variables] == params
+    params = [devices.parameter_of(v) for v in model.variables]
+    devices.place_variables(model.variables, torch.device("cpu"))
+    assert [devices.parameter_of(v) for v in model.variables] == params
 
 
 def test_same_device_treats_bare_cuda_as_cuda_0():
-    assert distributed.same_device(torch.device("cuda"), torch.device("cuda", 0))
-    assert not distributed.same_device(torch.device("cuda", 1), torch.device("cuda", 0))
-    assert not distributed.same_device(torch.device("cpu"), torch.device("cuda", 0))
-    assert distributed.same_device(torch.device("cpu"), torch.device("cpu"))
+    assert devices.same_device(torch.device("cuda"), torch.device("cuda", 0))
+    assert not devices.same_device(torch.device("cuda", 1), torch.device("cuda", 0))
+    assert not devices.same_device(torch.device("cpu"), torch.device("cuda", 0))
+    assert devices.same_device(torch.device("cpu"), torch.device("cpu"))
 
 
 def test_keras_optimizer_adapter_runs_keras_on_the_weights_device():
@@ -189,6 +189,6 @@ def test_keras_optimizer_adapter_runs_keras_on_the_weights_device():
     adapter = kl.KerasOptimizer(keras.optimizers.Adam(0.1), model.trainable_variables)
     model(torch.ones(2, 3)).sum().backward()
     adapter.step()
-    devices = {distributed.parameter_of(v).device for v in adapter.keras_optimizer.variables}
+    devices = {devices.parameter_of(v).device for v in adapter.keras_optimizer.variables}
     assert devices == {torch.device("cpu")}
     assert adapter._scoped is False  # the weights are on Keras' default device: no scope

@@ -7,14 +7,14 @@ written there; only the GAN's layer widths are smaller so that the tests stay fa
 from __future__ import annotations
 
 import keras_lightning as kl  # (first: selects Keras' torch backend)
-from keras_lightning.custom_steps import (
+from keras_lightning.keras_logs import scalar_logs
+from keras_lightning.keras_optimizers import (
     CHECKPOINT_KEY,
     keras_optimizer_state,
     keras_optimizers_of,
     load_keras_optimizer_state,
-    overrides_step,
-    scalar_logs,
 )
+from keras_lightning.keras_steps import overrides_step
 
 import json
 import os
@@ -630,7 +630,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import keras_lightning as kl
 import keras, lightning as L, numpy as np, torch
-from test_custom_steps import make_gan
+from test_keras_steps import make_gan
 
 out = {out!r}
 keras.utils.set_random_seed(0)
@@ -681,7 +681,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import keras_lightning as kl
 import keras, lightning as L, torch
-from test_custom_steps import EvalStepModel, RawLossEvalModel, dense_model, regression_data
+from test_keras_steps import EvalStepModel, RawLossEvalModel, dense_model, regression_data
 
 x, y = regression_data(n=100)
 model = dense_model(EvalStepModel)  # the same seed, so the same weights, on both ranks
@@ -753,7 +753,7 @@ class LightningSideRegression(kl.KerasLightningModule):
         x, y, sample_weight = self.unpack_batch(batch)
         y_pred = self(x, training=True)
         loss, _ = self.compute_loss(y_pred, y, sample_weight)
-        self.apply_gradients(loss)
+        self.backward_and_step(loss)
         self.update_metrics(y_pred, y, sample_weight, loss=loss)
 
 
@@ -812,11 +812,11 @@ class LightningSideGAN(kl.KerasLightningModule):
         labels = torch.cat([torch.ones(n, 1), torch.zeros(n, 1)])
         d_loss = self.loss_fn(labels, logits)
         if "d" in self.steps:
-            self.apply_gradients(d_loss, d_opt)
+            self.backward_and_step(d_loss, d_opt)
         fake = self.generator(torch.randn(n, LATENT), training=True)
         g_loss = self.loss_fn(torch.zeros(n, 1), self.discriminator(fake, training=True))
         if "g" in self.steps:
-            self.apply_gradients(g_loss, g_opt)
+            self.backward_and_step(g_loss, g_opt)
         self.log_dict({"d_loss": d_loss, "g_loss": g_loss}, prog_bar=True)
 
 
@@ -841,7 +841,7 @@ def test_apply_gradients_errors_name_the_fix():
         def training_step(self, batch, batch_idx):
             x, y = batch
             loss, _ = self.compute_loss(self(x, training=True), y)
-            self.apply_gradients(loss)
+            self.backward_and_step(loss)
 
     x, y = regression_data(n=32)
     with pytest.raises(kl.ConfigurationError, match=r"self.automatic_optimization = False"):
@@ -849,7 +849,7 @@ def test_apply_gradients_errors_name_the_fix():
 
     class Two(LightningSideGAN):
         def training_step(self, batch, batch_idx):
-            self.apply_gradients(self.discriminator(batch[0]).mean())
+            self.backward_and_step(self.discriminator(batch[0]).mean())
 
     images = torch.rand(16, 28, 28, 1)
     with pytest.raises(kl.ConfigurationError, match=r"2 optimizers.*self.apply_gradients\(loss, opt_d\)"):

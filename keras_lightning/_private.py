@@ -1,0 +1,327 @@
+"""Every use of a private Keras, Lightning or torch name, in one audited place.
+
+The rest of the package calls these named functions and never touches ``keras.src``, an
+underscored attribute of another library's object or a private module itself
+(``tests/test_private.py`` scans the package to keep it so, and tests each function here on
+the installed versions). Nothing private is imported when the package is imported: every
+private import below happens inside the function that needs it, so a Keras release that moves
+a name breaks the feature that uses it, with the name in the traceback, not
+``import keras_lightning``.
+
+Checked against Keras 3.8 - 3.15, Lightning 2.4 - 2.6 and torch 2.4 - 2.13 where a test says
+so; re-check when the version ranges in ``pyproject.toml`` move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+# ---------------------------------------------------------------------- Keras variables
+
+
+def parameter_of(variable: Any) -> torch.Tensor:
+    """The ``torch.nn.Parameter`` behind a Keras variable (never an autocast copy).
+
+    Inside a Keras autocast scope ``variable.value`` can be a cast copy; the stored tensor
+    (the Parameter autograd writes gradients to) is ``variable._value``.
+    """
+    value = getattr(variable, "_value", None)
+    return value if value is not None else variable.value
+
+
+def flatten_layers(model: Any) -> list[Any]:
+    """The model and every layer inside it, nested ones included."""
+    flatten = getattr(model, "_flatten_layers", None)
+    return list(flatten(include_self=True)) if callable(flatten) else []
+
+
+def seed_generators_of(layer: Any) -> list[Any]:
+    """The ``SeedGenerator`` objects a layer owns (seeded ``Dropout``, ...)."""
+    return list(getattr(layer, "_seed_generators", ()))
+
+
+def compile_config(model: Any) -> dict[str, Any]:
+    """The arguments ``model.compile()`` received (``{}`` when not compiled)."""
+    config = getattr(getattr(model, "_compile_config", None), "config", None)
+    return dict(config or {})
+
+
+# ---------------------------------------------------------------------- Keras backend
+
+
+def keras_default_device_name() -> str:
+    """The device Keras' torch backend places new tensors on, outside ``keras.device``."""
+    from keras.src.backend.torch.core import get_device
+
+    return str(get_device())
+
+
+def keras_torch_backend_modules() -> tuple[Any, Any]:
+    """Keras' torch ``nn`` and ``numpy`` backend modules (for the dynamo substitutes)."""
+    from keras.src.backend.torch import nn as torch_nn
+    from keras.src.backend.torch import numpy as torch_numpy
+
+    return torch_nn, torch_numpy
+
+
+def global_seed_generator(create: bool) -> Any:
+    """Keras' process-wide ``SeedGenerator`` (``keras.random`` calls without a seed)."""
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+
+    if not create:
+        return global_state.get_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR)
+    return seed_generator.global_seed_generator()
+
+
+def safe_mode_scope(safe_mode: bool) -> Any:
+    """Keras' ``safe_mode`` for deserialization calls that take no such argument."""
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    return SafeModeScope(safe_mode)
+
+
+# ---------------------------------------------------------------------- Keras losses, metrics
+
+
+def loss_function_wrapper(fn: Callable[..., Any], name: str) -> Any:
+    """A ``keras.losses.Loss`` around a Keras-convention function ``fn(y_true, y_pred)``."""
+    from keras.src.losses.losses import LossFunctionWrapper
+
+    return LossFunctionWrapper(fn, name=name)
+
+
+def keras_loss_names() -> list[str]:
+    """The lower-case names ``keras.losses.get`` accepts."""
+    from keras.src.losses import ALL_OBJECTS_DICT
+
+    return sorted(name for name in ALL_OBJECTS_DICT if name[0].islower())
+
+
+def keras_metric_names() -> list[str]:
+    """The lower-case names ``keras.metrics.get`` accepts."""
+    from keras.src.metrics import ALL_OBJECTS_DICT
+
+    return sorted(name for name in ALL_OBJECTS_DICT if name[0].islower())
+
+
+def compile_loss(identifier: Any, y_true: Any, y_pred: Any) -> Any:
+    """The loss ``compile(loss=identifier)`` would use (``"crossentropy"`` from shapes)."""
+    from keras.src.trainers.compile_utils import get_loss
+
+    return get_loss(identifier, y_true, y_pred)
+
+
+def compile_metric(identifier: Any, y_true: Any, y_pred: Any) -> Any:
+    """The metric ``compile(metrics=[identifier])`` would use (``"accuracy"`` from shapes)."""
+    from keras.src.trainers.compile_utils import get_metric
+
+    return get_metric(identifier, y_true, y_pred)
+
+
+# ---------------------------------------------------------------------- Keras optimizers
+
+
+def learning_rate_spec(optimizer: Any) -> Any:
+    """What the optimizer was given as ``learning_rate`` (a float variable or a schedule)."""
+    return optimizer._learning_rate
+
+
+def current_learning_rate(optimizer: Any) -> Any:
+    """The learning rate of the next update (a schedule evaluated at ``iterations``)."""
+    return optimizer._get_current_learning_rate()
+
+
+def optimizer_variables_updated(optimizer: Any) -> list[Any]:
+    """The model variables a built Keras optimizer updates, in its slot order."""
+    return list(optimizer._trainable_variables)
+
+
+def optimizer_knows(optimizer: Any, variables: Sequence[Any]) -> bool:
+    """True when a built optimizer has slots for every one of ``variables``."""
+    known = getattr(optimizer, "_trainable_variables_indices", {})
+    return all(optimizer._var_key(v) in known for v in variables)
+
+
+def uses_base_apply(optimizer: Any) -> bool:
+    """True when ``optimizer.apply`` is Keras' ``BaseOptimizer.apply`` (no override)."""
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    has_internals = hasattr(optimizer, "_backend_apply_gradients") and hasattr(
+        optimizer, "_iterations"
+    )
+    return has_internals and getattr(type(optimizer), "apply", None) is BaseOptimizer.apply
+
+
+def backend_apply_gradients(optimizer: Any, grads: list[Any], variables: list[Any]) -> None:
+    """``apply`` without its set-up: the update (with clipping, EMA, accumulation), then
+    ``iterations += 1``.
+    """
+    optimizer._backend_apply_gradients(grads, variables)
+    optimizer._iterations.assign_add(1)
+
+
+def iterations_parameter(optimizer: Any) -> torch.Tensor:
+    """The tensor behind ``optimizer.iterations``."""
+    return parameter_of(optimizer._iterations)
+
+
+def apply_weight_decay(optimizer: Any, variables: list[Any]) -> None:
+    """Keras' torch weight decay step (a no-op when ``weight_decay`` is None)."""
+    optimizer._apply_weight_decay(variables)
+
+
+def adam_slots(optimizer: Any, variables: Sequence[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+    """Adam's first moments, second moments and (AMSGrad) maxima for ``variables``."""
+    index = [optimizer._get_variable_index(v) for v in variables]
+    hats = [optimizer._velocity_hats[i] for i in index] if optimizer.amsgrad else []
+    return [optimizer._momentums[i] for i in index], [optimizer._velocities[i] for i in index], hats
+
+
+def sgd_slots(optimizer: Any, variables: Sequence[Any]) -> list[Any]:
+    """SGD's momentum buffers for ``variables`` (empty without momentum)."""
+    if optimizer.momentum == 0:
+        return []
+    return [optimizer.momentums[optimizer._get_variable_index(v)] for v in variables]
+
+
+#: sha256 (first 16 hex digits) of the source of Keras' torch ``_parallel_update_step`` bodies
+#: that ``keras_lightning.fast_update`` reproduces op for op, per Keras version they were read
+#: in. A Keras whose body hashes to anything else gets the exact ``"short"`` path instead.
+CHECKED_UPDATE_BODIES: dict[str, frozenset[str]] = {
+    "adam": frozenset({"29329d08ad93236d"}),  # Keras 3.15
+    "sgd": frozenset({"9be60d8e2a6a7860"}),  # Keras 3.15
+}
+
+
+def source_digest(function: Any) -> str | None:
+    """A short digest of a function's source (None where the source is not available)."""
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return None
+    return hashlib.sha256(inspect.cleandoc(source).encode()).hexdigest()[:16]
+
+
+def direct_update_kind(optimizer: Any) -> str | None:
+    """``"adam"`` / ``"sgd"`` when the optimizer runs Keras' torch Adam / SGD update unchanged.
+
+    Unchanged means: none of the methods between ``apply`` and the update overridden by the
+    optimizer's class, and the update body the same source as the one read when
+    ``fast_update`` was written (:data:`CHECKED_UPDATE_BODIES`). Anything else: None.
+    """
+    try:
+        from keras.src.backend.torch.optimizers import (
+            torch_adam,
+            torch_optimizer,
+            torch_parallel_optimizer,
+            torch_sgd,
+        )
+        from keras.src.optimizers.base_optimizer import BaseOptimizer
+    except ImportError:  # another Keras layout
+        return None
+    cls = type(optimizer)
+    try:
+        untouched = (
+            cls._backend_apply_gradients is BaseOptimizer._backend_apply_gradients
+            and cls._backend_update_step
+            is torch_parallel_optimizer.TorchParallelOptimizer._backend_update_step
+            and cls._clip_gradients is BaseOptimizer._clip_gradients
+            and cls._apply_weight_decay is torch_optimizer.TorchOptimizer._apply_weight_decay
+            and cls._get_current_learning_rate is BaseOptimizer._get_current_learning_rate
+        )
+    except AttributeError:
+        return None
+    if not untouched:
+        return None
+    for kind, reference in (("adam", torch_adam.Adam), ("sgd", torch_sgd.SGD)):
+        body = getattr(reference, "_parallel_update_step", None)
+        if getattr(cls, "_parallel_update_step", None) is body:
+            return kind if source_digest(body) in CHECKED_UPDATE_BODIES[kind] else None
+    return None
+
+
+# ---------------------------------------------------------------------- Lightning
+
+
+def attached_trainer(module: Any) -> Any:
+    """The Trainer a LightningModule is attached to, or None (``module.trainer`` raises)."""
+    return getattr(module, "_trainer", None)
+
+
+def logger_writes_this_step(trainer: Any) -> bool:
+    """Whether Lightning's loggers write on the current step (``log_every_n_steps``)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
+def stage_dataloaders(trainer: Any) -> Any:
+    """The dataloader(s) of the running stage, or None when not set up yet."""
+    loop = {
+        "fit": trainer.fit_loop,
+        "validate": trainer.validate_loop,
+        "test": trainer.test_loop,
+        "predict": trainer.predict_loop,
+    }.get(str(trainer.state.fn.value) if trainer.state.fn else "")
+    source = getattr(loop, "_data_source", None)
+    if source is None or not source.is_defined():
+        return None
+    return source.dataloader()
+
+
+def chosen_checkpoint_io(strategy: Any) -> Any:
+    """The checkpoint writer the user or strategy set explicitly (None: Lightning's default)."""
+    return getattr(strategy, "_checkpoint_io", False)
+
+
+def count_manual_optimizer_step(trainer: Any) -> None:
+    """Advance ``trainer.global_step`` by one under manual optimization.
+
+    For updates Lightning did not see (a Keras ``train_step`` applies its optimizers itself):
+    without it ``max_steps`` never stops training and ``ModelCheckpoint`` never saves.
+    """
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    progress.increment_ready()
+    progress.increment_completed()
+
+
+def load_checkpoint_file(path: Any, map_location: Any, weights_only: bool | None) -> Any:
+    """Lightning's checkpoint reader (local paths, URLs, fsspec filesystems)."""
+    from lightning.fabric.utilities.cloud_io import _load
+
+    return _load(path, map_location=map_location, weights_only=weights_only)
+
+
+def restore_module_state(cls: type, checkpoint: dict[str, Any], strict: bool, **kwargs: Any) -> Any:
+    """Lightning's ``load_from_checkpoint`` body: construct ``cls`` and load ``checkpoint``."""
+    from lightning.pytorch.core.saving import _load_state
+
+    return _load_state(cls, checkpoint, strict=strict, **kwargs)
+
+
+# ---------------------------------------------------------------------- torch
+
+
+def in_bad_cuda_fork() -> bool:
+    """True in a process forked from a parent that had initialized CUDA."""
+    check = getattr(torch.cuda, "_is_in_bad_fork", None)
+    return bool(check()) if callable(check) else False
+
+
+def dynamo_counters() -> Any:
+    """Torch dynamo's global counters (frames compiled, graph breaks by reason)."""
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+def iter_private_names() -> Iterator[str]:
+    """The public functions of this module (for the audit test)."""
+    for name, value in globals().items():
+        if callable(value) and not name.startswith("_") and value.__module__ == __name__:
+            yield name

@@ -1,0 +1,239 @@
+"""The built-in steps: forward, the configured loss and metrics, exact epoch values.
+
+:class:`BuiltinSteps` is the step strategy the module uses for every stage whose step the
+Keras model does not define itself (the other is :class:`~keras_lightning.keras_steps.KerasSteps`).
+It owns what a stage accumulates (:class:`~keras_lightning.epoch.EpochState`), the objective
+resolved on the first batch, and the ``torch.compile``d forward and loss (``jit_compile=``).
+The Lightning-side helpers of the module (``compute_loss``, ``update_metrics``) use it too, so
+a hand-written ``training_step`` logs exactly what the built-in one logs.
+"""
+
+from __future__ import annotations
+
+from keras_lightning import _private, collectives
+from keras_lightning.compiled import CompiledStep, CompileStats
+from keras_lightning.data import align_targets, batch_size_of, output_structure, unpack_batch
+from keras_lightning.devices import place_variables
+from keras_lightning.epoch import EpochState
+from keras_lightning.metrics import bind_metrics
+from keras_lightning.objective import Objective
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from keras_lightning.module import KerasLightningModule
+
+__all__ = ["STAGE_PREFIX", "Arguments", "BuiltinSteps", "step_loss_wanted"]
+
+#: Prefix of every logged name, per stage (Keras' ``val_`` convention).
+STAGE_PREFIX = {"train": "", "val": "val_", "test": "test_"}
+
+
+@dataclass
+class Arguments:
+    """The module's Keras arguments, after those left unset were taken from ``compile()``."""
+
+    optimizer: Any = None
+    loss: Any = None
+    metrics: Any = None
+    weighted_metrics: Any = None
+    loss_weights: Any = None
+    class_weight: Mapping[int, float] | None = None
+    lr_scheduler: Any = None
+
+
+def step_loss_wanted(trainer: Any, batch_idx: int) -> bool:
+    """Whether this step's ``loss`` is logged: ``self.log`` costs as much as a small model.
+
+    It is logged on every step while a progress bar shows it; otherwise on the steps a logger
+    writes (every ``Trainer(log_every_n_steps=...)``) and on the first and last batch of each
+    epoch, so that ``trainer.callback_metrics["loss"]`` exists and holds the last batch's loss
+    in callbacks' ``on_train_epoch_end``. The epoch's exact mean is logged after them, at the
+    module's epoch end.
+    """
+    if trainer is None or batch_idx == 0:
+        return True
+    bar = trainer.progress_bar_callback
+    if bar is not None and bar.is_enabled:
+        return True
+    if batch_idx + 1 >= trainer.num_training_batches:
+        return True
+    if not trainer.loggers:
+        return False
+    return _private.logger_writes_this_step(trainer)
+
+
+class BuiltinSteps:
+    """Forward, loss and metrics of the configured arguments, for every stage.
+
+    Args:
+        host: The module: what this uses of it is its Keras model, device, Keras device
+            scope, ``host.log`` and the attached Trainer.
+        arguments: The module's Keras arguments (shared: the module completes them from
+            ``compile()`` when a factory builds the model).
+        compile_backend: The ``torch.compile`` backend for forward and loss, or None.
+
+    """
+
+    automatic_optimization = True
+
+    def __init__(
+        self, host: KerasLightningModule, arguments: Arguments, compile_backend: str | None
+    ) -> None:
+        self.host = host
+        self.arguments = arguments
+        self.compile_backend = compile_backend
+        self.compiled_step: CompiledStep | None = None
+        self.objective: Objective | None = None
+        self.stages = {stage: EpochState(prefix) for stage, prefix in STAGE_PREFIX.items()}
+
+    @property
+    def compile_stats(self) -> CompileStats | None:
+        """What ``torch.compile`` did, or None before the first compiled call."""
+        return None if self.compiled_step is None else self.compiled_step.stats
+
+    # ------------------------------------------------------------ loss
+
+    def compute_loss(
+        self, y_pred: Any, y: Any, sample_weight: Any = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The configured loss (order handled, ``model.losses`` added) and per-output losses."""
+        model = self.host._require_model()
+        objective = self._resolve_objective(y_pred, y)
+        _, outputs = output_structure(y_pred, model)
+        total, parts = objective(outputs, y, sample_weight, list(model.losses))
+        assert objective.names is not None
+        named = {
+            f"{name}_loss": part
+            for name, part in zip(objective.names, parts, strict=True)
+            if part is not None
+        }
+        return total, (named if len(objective.names) > 1 else {})
+
+    def _resolve_objective(self, y_pred: Any, y: Any) -> Objective:
+        if self.objective is None or not self.objective.resolved:
+            names, outputs = output_structure(y_pred, self.host._require_model())
+            targets = align_targets(y, names) if y is not None else [None] * len(names)
+            arguments = self.arguments
+            objective = Objective(arguments.loss, arguments.loss_weights, arguments.class_weight)
+            objective.resolve(names, targets, outputs)
+            self.objective = objective
+        return self.objective
+
+    def _forward_and_loss(
+        self, x: Any, y: Any, sample_weight: Any, training: bool
+    ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+        """The model output, the loss and per-output losses: the part ``jit_compile`` captures."""
+        y_pred = self.host._require_model()(x, training=training)
+        # through the module, so that a subclass overriding compute_loss trains its objective
+        loss, output_losses = self.host.compute_loss(y_pred, y, sample_weight)
+        return y_pred, loss, output_losses
+
+    def _step_function(self) -> Callable[..., Any]:
+        """Eager on the first batch (it resolves losses and metrics), then compiled if asked."""
+        if self.compile_backend is None or self.objective is None:
+            return self._forward_and_loss
+        if self.compiled_step is None:
+            self.compiled_step = CompiledStep(self._forward_and_loss, self.compile_backend)
+        return self.compiled_step
+
+    # ------------------------------------------------------------ metrics
+
+    def stage_state(self, stage: str, y_pred: Any, y: Any) -> EpochState:
+        """The stage's epoch state, its metrics bound to the outputs on the first batch."""
+        state = self.stages[stage]
+        if state.metrics is not None:
+            return state
+        if y is None:
+            state.metrics = []
+            return state
+        names, outputs = output_structure(y_pred, self.host._require_model())
+        arguments = self.arguments
+        state.metrics = bind_metrics(
+            arguments.metrics,
+            arguments.weighted_metrics,
+            names,
+            align_targets(y, names),
+            outputs,
+            copy=stage != "train",
+        )
+        device = self.host.device
+        for metric in state.metrics:
+            if metric.is_torchmetric:
+                metric.metric.to(device)
+            else:  # a Keras metric object may have been built on Keras' default device
+                place_variables(metric.metric.variables, device)
+        return state
+
+    def update_metrics(
+        self, stage: str, y_pred: Any, y: Any, sample_weight: Any, loss: torch.Tensor | None
+    ) -> None:
+        """Accumulate ``loss`` (a batch mean) and the stage's metrics for this batch.
+
+        ``class_weight`` is folded into the weights of ``weighted_metrics`` for a
+        single-output model, as Keras does; plain ``metrics`` never see weights.
+        """
+        state = self.stage_state(stage, y_pred, y)
+        if loss is not None:
+            state.add_mean("loss", loss, batch_size_of(y_pred))
+        if not state.metrics or y is None:
+            return
+        names, outputs = output_structure(y_pred, self.host._require_model())
+        targets = align_targets(y, names)
+        objective = self.objective
+        if objective is not None and objective.resolved and len(names) == 1:
+            sample_weight = objective.sample_weight(targets[0], sample_weight)
+        with torch.no_grad(), self.host.keras_scope():
+            state.update_metrics([o.detach() for o in outputs], targets, sample_weight)
+
+    # ------------------------------------------------------------ steps
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y, sample_weight = unpack_batch(batch)
+        with self.host.keras_scope():
+            y_pred, loss, output_losses = self._step_function()(
+                x, y, sample_weight, stage == "train"
+            )
+            state = self.stage_state(stage, y_pred, y)
+            count = batch_size_of(x)
+            for name, value in output_losses.items():
+                state.add_mean(name, value, count)
+            self.update_metrics(stage, y_pred, y, sample_weight, loss)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Forward, loss and metrics on ``batch``; Lightning does backward and the update."""
+        loss = self._shared_step(batch, "train")
+        if step_loss_wanted(_private.attached_trainer(self.host), batch_idx):
+            self.host.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def evaluation_step(self, batch: Any, stage: str) -> torch.Tensor:
+        """Forward (``training=False``), loss and metrics on ``batch``."""
+        return self._shared_step(batch, stage)
+
+    # ------------------------------------------------------------ epochs
+
+    def epoch_start(self, stage: str) -> None:
+        """Start the stage's epoch: loss sums and metric state reset."""
+        with self.host.keras_scope():  # Keras metric resets create tensors
+            self.stages[stage].reset()
+
+    def epoch_end(self, stage: str) -> None:
+        """Log the epoch's values, reduced over every process: means and metric results."""
+        with self.host.keras_scope():  # Keras metric results are computed with Keras ops
+            values = self.stages[stage].compute(collectives.is_distributed())
+        prefix = STAGE_PREFIX[stage]
+        for name, value in values.items():
+            bar = name == f"{prefix}loss"
+            self.host.log(name, value, prog_bar=bar, on_epoch=True, on_step=False)
+
+    def train_batch_start(self) -> None:
+        """Nothing to do before a built-in training step."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Nothing beyond Lightning's optimizer states: the optimizers are Lightning's."""

@@ -1,0 +1,152 @@
+"""Checkpoint files: the atomic writer and the safe reader."""
+
+from __future__ import annotations
+
+from keras_lightning import _private
+from keras_lightning.exceptions import CheckpointError
+
+import contextlib
+import glob
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on every local filesystem.
+
+    ``KerasLightningModule`` puts it in place of Lightning's default writer when training
+    starts (:func:`use_atomic_writes`); pass it as a plugin to any other module.
+
+    Lightning writes a checkpoint to a temporary file in the system temp directory and moves
+    it into place. When that directory is on another filesystem than the checkpoints (``/tmp``
+    on tmpfs, checkpoints on a disk or a network mount), the move is a copy onto the target
+    file, and a process killed during the copy leaves a truncated checkpoint where the
+    previous good one was. This writer puts the temporary file next to the target, flushes it
+    to disk and renames it (``os.replace``), so the target is always either the previous or
+    the new complete checkpoint. A kill during a write leaves a hidden
+    ``.<name>.<random>.partial`` file beside it, removed by the next write of that file. Remote
+    paths (``s3://`` ...) use Lightning's writer unchanged.
+
+    Example:
+        >>> import lightning
+        >>> import keras_lightning as kl
+        >>> trainer = lightning.Trainer(plugins=[kl.AtomicCheckpointIO()], logger=False,
+        ...                             enable_progress_bar=False, enable_model_summary=False)
+
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` to ``path`` through a same-directory temporary file."""
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        if storage_options is not None or not _is_local(get_filesystem(path)):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        descriptor, temp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".partial", dir=target.parent
+        )
+        try:
+            # mkstemp makes the file owner-only; give it the mode open() would (Lightning's).
+            os.chmod(temp, 0o666 & ~_umask())
+            with open(descriptor, "wb") as file:
+                file.write(buffer.getbuffer())
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        _fsync_directory(target.parent)
+        # what an earlier killed write of this same file left behind
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def use_atomic_writes(trainer: Any) -> None:
+    """Give ``trainer`` an :class:`AtomicCheckpointIO` where it would use Lightning's default.
+
+    Only when no checkpoint writer was chosen (``Trainer(plugins=[...])`` or the strategy's
+    ``checkpoint_io``) and the strategy's default is Lightning's ``TorchCheckpointIO``: a
+    writer the user passed, including Lightning's own ``TorchCheckpointIO()``, and a
+    strategy's own default (``XLACheckpointIO``) are kept. Called from
+    the module's set-up (``keras_lightning.lifecycle``), before any checkpoint is written or read.
+    """
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None or _private.chosen_checkpoint_io(strategy) is not None:
+        return
+    # A strategy's own default (XLA's XLACheckpointIO) is kept: only Lightning's plain one.
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(mask)
+    return mask
+
+
+def _is_local(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def load_checkpoint_file(
+    path: Any, map_location: Any = None, weights_only: bool | None = True
+) -> dict[str, Any]:
+    """Read a Lightning checkpoint; with ``weights_only=True`` no pickled code runs.
+
+    Raises:
+        CheckpointError: The file holds objects that ``weights_only`` loading refuses.
+
+    """
+    try:
+        checkpoint = _private.load_checkpoint_file(path, map_location or "cpu", weights_only)
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler" in line), str(error))
+        raise CheckpointError(
+            f"{str(path)!r} holds Python objects that safe loading (weights_only=True) "
+            "refuses: loading them could run code. If you trust the file, pass "
+            f"weights_only=False. torch said: {reason}"
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict'). Expected a .ckpt "
+            "file written by ModelCheckpoint or trainer.save_checkpoint()."
+        )
+    return checkpoint
