@@ -307,6 +307,14 @@ def restore_module_state(cls: type, checkpoint: dict[str, Any], strict: bool, **
 # ---------------------------------------------------------------------- torch
 
 
+def is_torch_loss_module(value: Any) -> bool:
+    """True for the ``torch.nn`` loss modules (``torch.nn.MSELoss()``, ...).
+
+    Their base class, ``torch.nn.modules.loss._Loss``, is private.
+    """
+    return isinstance(value, torch.nn.modules.loss._Loss)
+
+
 def in_bad_cuda_fork() -> bool:
     """True in a process forked from a parent that had initialized CUDA."""
     check = getattr(torch.cuda, "_is_in_bad_fork", None)

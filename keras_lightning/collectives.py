@@ -36,7 +36,7 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    """This process's rank (0 outside a process group)."""
+    """The rank of this process (0 outside a process group)."""
     return int(torch.distributed.get_rank()) if is_distributed() else 0
 
 

@@ -175,7 +175,7 @@ def resolve_loss(
         return _resolve_loss_name(identifier, y_true, y_pred, argument)
     if isinstance(identifier, keras.losses.Loss):
         return KerasLoss(identifier)
-    if isinstance(identifier, torch.nn.modules.loss._Loss):
+    if _private.is_torch_loss_module(identifier):
         return TorchLoss(identifier)
     if callable(identifier) and _is_torch_functional(identifier):
         return TorchLoss(identifier)
