@@ -64,11 +64,12 @@ def overrides_step(model: Any, name: str) -> bool:
         False
 
     """
-    return _class_overrides(type(model), name)
+    cls: Any = type(model)
+    return bool(_class_overrides(cls, name))
 
 
 @functools.lru_cache(maxsize=256)
-def _class_overrides(cls: type, name: str) -> bool:
+def _class_overrides(cls: Any, name: str) -> bool:
     for klass in cls.__mro__:
         if name in vars(klass):
             return not klass.__module__.startswith(_KERAS_BASE_MODULES)
@@ -210,7 +211,9 @@ class KerasSteps:
             exact = metric_results(metrics)
         for name, value in values.items():
             mine, merged = local.get(name), exact.get(name)
-            if not (_is_scalar(mine) and _is_scalar(merged)):
+            if not isinstance(mine, torch.Tensor) or not isinstance(merged, torch.Tensor):
+                continue
+            if mine.numel() != 1 or merged.numel() != 1:
                 continue
             mine = mine.detach().float().reshape(()).to(value.device)
             if torch.equal(value.float().reshape(()), mine):
@@ -286,6 +289,3 @@ def load_checkpoint(model: Any, checkpoint: Mapping[str, Any]) -> None:
     if state:
         load_keras_optimizer_state(model, state)
 
-
-def _is_scalar(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.numel() == 1

@@ -106,7 +106,7 @@ class TorchLoss:
         fn = self.fn
         if isinstance(fn, torch.nn.Module) and hasattr(fn, "reduction"):
             unreduced = copy.copy(fn)
-            unreduced.reduction = "none"
+            setattr(unreduced, "reduction", "none")  # noqa: B010 (typed as a tensor)
             self._unreduced = unreduced
         elif _accepts_keyword(fn, "reduction"):
             self._unreduced = lambda y_pred, y_true: fn(y_pred, y_true, reduction="none")

@@ -20,6 +20,14 @@ from keras_lightning.lifecycle import guard_hooks
 from keras_lightning.losses import resolve_loss
 from keras_lightning.metrics import check_metric_spec
 from keras_lightning.optimizers import KerasOptimizer, resolve_optimizer
+from keras_lightning.specs import (
+    LossSpec,
+    LossWeightsSpec,
+    MetricsSpec,
+    ModelSpec,
+    OptimizerSpec,
+    SchedulerSpec,
+)
 
 import contextlib
 import warnings
@@ -82,17 +90,17 @@ class KerasLightningModule(L.LightningModule):
 
     def __init__(
         self,
-        model: keras.Model | Callable[[], keras.Model],
+        model: ModelSpec,
         *,
-        optimizer: Any = None,
-        loss: Any = None,
-        metrics: Any = None,
-        weighted_metrics: Any = None,
-        loss_weights: Any = None,
+        optimizer: OptimizerSpec = None,
+        loss: LossSpec = None,
+        metrics: MetricsSpec = None,
+        weighted_metrics: MetricsSpec = None,
+        loss_weights: LossWeightsSpec = None,
         class_weight: Mapping[int, float] | None = None,
-        lr_scheduler: Any = None,
+        lr_scheduler: SchedulerSpec = None,
         jit_compile: bool | str = False,
-        compile: Any = _UNSET,
+        compile: bool | str = _UNSET,
     ) -> None:
         super().__init__()
         self.model: keras.Model | None
@@ -208,7 +216,7 @@ class KerasLightningModule(L.LightningModule):
     def _uses_keras_train_step(self) -> bool:
         return self.model is not None and overrides_step(self.model, "train_step")
 
-    @property  # type: ignore[override]
+    @property
     def automatic_optimization(self) -> bool:
         """False when the Keras model's own ``train_step`` optimizes (manual optimization)."""
         if self._uses_keras_train_step():
@@ -535,7 +543,7 @@ class KerasLightningModule(L.LightningModule):
         return state
 
     @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
+    def load_from_checkpoint(
         cls,
         checkpoint_path: Any,
         map_location: Any = None,

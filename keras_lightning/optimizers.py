@@ -113,7 +113,7 @@ class KerasOptimizer(torch.optim.Optimizer):
         self.keras_optimizer.learning_rate = float(lr)
         self._synced_lr = lr
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run ``closure`` (forward and backward) if given, then apply the Keras update."""
         loss = None
         if closure is not None:

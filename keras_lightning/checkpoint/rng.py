@@ -19,7 +19,7 @@ import torch
 
 def collect_rng_states() -> dict[str, Any]:
     """Torch (CPU and CUDA), NumPy, Python and Keras' global seed states, as safe types."""
-    numpy_state = np.random.get_state()
+    numpy_state: Any = np.random.get_state()
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {
