@@ -96,3 +96,8 @@ def main() -> float:
 
 if __name__ == "__main__":
     main()
+    # Lightning creates the gloo / nccl process group and leaves it alive after fit; a process
+    # that exits with it alive can abort in interpreter shutdown ("terminate called without an
+    # active exception"). The script that asked for the processes ends the group.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

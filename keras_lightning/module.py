@@ -19,7 +19,7 @@ from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkp
 from keras_lightning.lifecycle import guard_hooks
 from keras_lightning.losses import resolve_loss
 from keras_lightning.metrics import check_metric_spec
-from keras_lightning.optimizers import KerasOptimizer, resolve_optimizer
+from keras_lightning.optimizers import KerasOptimizer, check_optimizers_train, resolve_optimizer
 from keras_lightning.specs import (
     LossSpec,
     LossWeightsSpec,
@@ -410,6 +410,9 @@ class KerasLightningModule(L.LightningModule):
         pass
 
     def _library_on_train_start(self) -> None:
+        trainer = _private.attached_trainer(self)
+        if trainer is not None and not self._uses_keras_train_step():
+            check_optimizers_train(trainer.optimizers, self._require_model())
         replicas.start_of_training(self.model)  # per-rank dropout randomness
 
     @override

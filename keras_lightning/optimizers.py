@@ -13,7 +13,7 @@ from keras_lightning._private import parameter_of
 from keras_lightning.devices import keras_default_device, keras_device, place_variables, same_device
 from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
 from keras_lightning.fast_update import DirectUpdate, update_path_for
-from keras_lightning.precision import check_keras_optimizer
+from keras_lightning.precision import check_keras_optimizer, check_optimizer_dtype
 
 import contextlib
 import difflib
@@ -83,6 +83,7 @@ class KerasOptimizer(torch.optim.Optimizer):
         self.keras_optimizer = keras_optimizer
         self.variables = variables
         self._params = [parameter_of(v) for v in variables]
+        check_optimizer_dtype(keras_optimizer, self._params[0].dtype)
         # Keras optimizer variables (iterations, learning rate, slots built on the first
         # apply) live on the device of the weights, whatever Keras' default device is.
         self._device = self._params[0].device
@@ -281,6 +282,31 @@ def _keras_optimizer_from_name(name: str, argument: str) -> Any:
             f"{', '.join(_KERAS_OPTIMIZER_NAMES)}. Or pass an optimizer object such as "
             "keras.optimizers.Adam(1e-3) or the class torch.optim.Adam."
         ) from None
+
+
+def check_optimizers_train(optimizers: Sequence[torch.optim.Optimizer], model: Any) -> None:
+    """Refuse an optimizer that owns none of the Keras model's trainable weights.
+
+    Such an optimizer steps without error and changes nothing: e.g. one built over another
+    module's parameters, or over a model that ``load_from_checkpoint`` has since rebuilt.
+
+    Raises:
+        ConfigurationError: One of ``optimizers`` holds none of ``model``'s weights.
+
+    """
+    weights = {id(parameter_of(v)) for v in model.trainable_variables}
+    for index, optimizer in enumerate(optimizers):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if params and not any(id(p) in weights for p in params):
+            raise ConfigurationError(
+                f"Optimizer #{index} ({type(optimizer).__name__}) updates {len(params)} "
+                "tensors, none of which is a weight of the Keras model: training would change "
+                "nothing. This happens when the optimizer was built over other parameters (for "
+                "example before load_from_checkpoint rebuilt the model). Pass what builds it "
+                "instead, and the module calls it with its own weights: "
+                "optimizer=torch.optim.SGD, or optimizer=lambda params: "
+                "torch.optim.SGD(params, lr=0.1)."
+            )
 
 
 def trainable_parameters(variables: Iterable[Any]) -> list[torch.Tensor]:

@@ -37,6 +37,7 @@ from keras_lightning.exceptions import ConfigurationError
 from typing import Any
 
 import keras
+import torch
 
 _TRUE_DTYPES = {"64-true": "float64", "16-true": "float16", "bf16-true": "bfloat16"}
 _MIXED = ("16-mixed", "bf16-mixed")
@@ -136,6 +137,46 @@ def check_precision(precision: str, model: Any) -> None:
 def keras_computes_in_float64() -> bool:
     """True when Keras' type promotion keeps float64 (it maps it to float32 on torch)."""
     return str(keras.backend.result_type("float64", "float64")) == "float64"
+
+
+#: Keras optimizer hyperparameters that must stay below 1 in the variables' dtype.
+_DECAY_RATES = ("beta_1", "beta_2", "rho")
+
+
+def check_optimizer_dtype(optimizer: Any, dtype: torch.dtype) -> None:
+    """Refuse a Keras optimizer whose update is zero in ``dtype`` (the weights' dtype).
+
+    Keras computes the update in the variables' dtype. In bfloat16, ``0.999`` rounds to
+    ``1.0``: Adam's bias correction ``1 - beta_2 ** t`` is then 0 and every update is 0, so
+    the weights never change (Keras' own ``fit`` does the same, silently).
+
+    Raises:
+        ConfigurationError: A decay rate of ``optimizer`` rounds to 1 in ``dtype``.
+
+    Example:
+        >>> import keras, torch
+        >>> check_optimizer_dtype(keras.optimizers.Adam(), torch.float16)
+        >>> check_optimizer_dtype(keras.optimizers.Adam(), torch.bfloat16)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        keras_lightning.exceptions.ConfigurationError: The Keras optimizer Adam has beta_2=0.999...
+
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return
+    for name in _DECAY_RATES:
+        value = getattr(optimizer, name, None)
+        if not isinstance(value, float) or not 0.0 < value < 1.0:
+            continue
+        if float(torch.tensor(value, dtype=dtype)) == 1.0:
+            raise ConfigurationError(
+                f"The Keras optimizer {type(optimizer).__name__} has {name}={value}, which "
+                f"rounds to 1.0 in {str(dtype).removeprefix('torch.')}, the dtype of the "
+                "weights it updates: its update would be 0 on every step and the weights would "
+                "never change. Train with Trainer(precision='bf16-mixed') (float32 weights, "
+                "bfloat16 compute), or use an optimizer without that decay (keras.optimizers."
+                "SGD) or a torch optimizer (optimizer=torch.optim.AdamW)."
+            )
 
 
 def check_keras_optimizer(optimizer: Any, argument: str = "optimizer") -> None:

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     to disk and renames it (``os.replace``), so the target is always either the previous or
     the new complete checkpoint. A kill during a write leaves a hidden
     ``.<name>.<random>.partial`` file beside it, removed by the next write of that file. Remote
-    paths (``s3://`` ...) use Lightning's writer unchanged.
+    paths (``s3://`` ...) use Lightning's writer unchanged. Reading is safe by default on every
+    path, URLs included (:meth:`load_checkpoint`).
 
     Example:
         >>> import lightning
@@ -41,6 +43,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         ...                             enable_progress_bar=False, enable_model_summary=False)
 
     """
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Any = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Read a checkpoint safely: ``weights_only`` unset means True, for URLs too.
+
+        Lightning's own reader turns an unset ``weights_only`` into False for ``http(s)``
+        paths, so ``trainer.fit(ckpt_path="https://...")`` would unpickle (and run) whatever
+        the server sends. Here it is refused unless the caller opts in:
+        ``trainer.fit(..., ckpt_path=url, weights_only=False)`` for a source they trust.
+
+        Raises:
+            FileNotFoundError: Nothing at ``path``.
+            CheckpointError: Unsafe content (with the opt-in named), or an unreadable file.
+
+        """
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        if not get_filesystem(path).exists(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return dict(
+            read_checkpoint(
+                path,
+                map_location,
+                weights_only,
+                "weights_only=False to trainer.fit / validate / test / predict "
+                "(e.g. trainer.fit(module, ckpt_path=path, weights_only=False))",
+            )
+        )
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -125,25 +159,71 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def read_checkpoint(
+    path: Any, map_location: Any, weights_only: bool | None, opt_in: str
+) -> Any:
+    """``torch.load`` through Lightning's reader (paths, URLs, fsspec), errors made clear.
+
+    Args:
+        path: A local path, a URL or an fsspec path.
+        map_location: As in ``torch.load``.
+        weights_only: torch's safe unpickling; None means True here, for URLs too (Lightning's
+            own reader turns None into False for ``http`` paths).
+        opt_in: The call that turns safe loading off, named in the error.
+
+    Raises:
+        CheckpointError: The file holds objects safe loading refuses, or is not a complete
+            file ``torch.save`` wrote (truncated, a text file).
+
+    """
+    safe = True if weights_only is None else weights_only
+    try:
+        return _private.load_checkpoint_file(path, map_location, safe)
+    except pickle.UnpicklingError as error:
+        if _is_local_non_torch_file(path):  # a text file's bytes read as pickle opcodes
+            raise _unreadable(path, error) from error
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler" in line), str(error))
+        raise CheckpointError(
+            f"{str(path)!r} holds Python objects that safe loading (weights_only=True) "
+            f"refuses: loading them could run code. If you trust the file, pass {opt_in}. "
+            f"torch said: {reason}"
+        ) from error
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (EOFError, OSError, RuntimeError, KeyError, ValueError) as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Any, error: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{str(path)!r} is not a readable checkpoint: it is truncated (a copy or write cut "
+        "short) or not a file torch.save wrote. Use a complete .ckpt written by "
+        "ModelCheckpoint or trainer.save_checkpoint(). torch said: "
+        f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+    )
+
+
+def _is_local_non_torch_file(path: Any) -> bool:
+    """A local file that is not a zip archive: not what ``torch.save`` has written since 1.6."""
+    if not isinstance(path, str | Path) or "://" in str(path):
+        return False
+    return Path(path).is_file() and not zipfile.is_zipfile(path)
+
+
 def load_checkpoint_file(
     path: Any, map_location: Any = None, weights_only: bool | None = True
 ) -> dict[str, Any]:
     """Read a Lightning checkpoint; with ``weights_only=True`` no pickled code runs.
 
     Raises:
-        CheckpointError: The file holds objects that ``weights_only`` loading refuses.
+        CheckpointError: The file holds objects that ``weights_only`` loading refuses, is not
+            readable, or is not a Lightning checkpoint.
 
     """
-    try:
-        checkpoint = _private.load_checkpoint_file(path, map_location or "cpu", weights_only)
-    except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = next((line for line in lines if "WeightsUnpickler" in line), str(error))
-        raise CheckpointError(
-            f"{str(path)!r} holds Python objects that safe loading (weights_only=True) "
-            "refuses: loading them could run code. If you trust the file, pass "
-            f"weights_only=False. torch said: {reason}"
-        ) from error
+    checkpoint = read_checkpoint(
+        path, map_location or "cpu", weights_only, "weights_only=False"
+    )
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(
             f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict'). Expected a .ckpt "

@@ -320,3 +320,5 @@ def run_spawn(args: argparse.Namespace, out: Path) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # end cleanly (see examples/ddp.py)
