@@ -98,7 +98,8 @@ def keras_optimizer_state(model: Any) -> dict[str, dict[str, Any]]:
 def load_keras_optimizer_state(model: Any, state: Mapping[str, Mapping[str, Any]]) -> None:
     """Restore what :func:`keras_optimizer_state` saved into the model's Keras optimizers.
 
-    An optimizer that is not built yet is built on the variables it updated when saved.
+    Every optimizer is checked before any is assigned. An optimizer that is not built yet is
+    built on the variables it updated when saved.
 
     Raises:
         CheckpointError: The checkpoint names an optimizer the model does not hold, or its
@@ -126,7 +127,11 @@ def load_keras_optimizer_state(model: Any, state: Mapping[str, Mapping[str, Any]
             )
         if not optimizer.built:
             optimizer.build([variables[i] for i in positions])
-        optimizer_state.restore(optimizer, _current_format(saved), f"`model.{name}`")
+        optimizer_state.check(optimizer, _current_format(saved), f"`model.{name}`")
+    # every optimizer checked: now assign, all or nothing
+    for name, saved in state.items():
+        if saved.get("built"):
+            optimizer_state.restore(optimizers[name], _current_format(saved), f"`model.{name}`")
 
 
 def _current_format(saved: Mapping[str, Any]) -> Mapping[str, Any]:

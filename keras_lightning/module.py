@@ -19,7 +19,12 @@ from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkp
 from keras_lightning.lifecycle import guard_hooks
 from keras_lightning.losses import resolve_loss
 from keras_lightning.metrics import check_metric_spec
-from keras_lightning.optimizers import KerasOptimizer, check_optimizers_train, resolve_optimizer
+from keras_lightning.optimizers import (
+    KerasOptimizer,
+    check_optimizer_states,
+    check_optimizers_train,
+    resolve_optimizer,
+)
 from keras_lightning.specs import (
     LossSpec,
     LossWeightsSpec,
@@ -487,8 +492,18 @@ class KerasLightningModule(L.LightningModule):
         pass
 
     def _library_on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
-        load_checkpoint(self._require_model(), ckpt)
-        checkpoint.on_load_checkpoint(_private.attached_trainer(self), ckpt)
+        # Lightning calls this before it loads anything: check all of the checkpoint first, so
+        # that a mismatch leaves weights, optimizers and random generators as they were.
+        model = self._require_model()
+        trainer = _private.attached_trainer(self)
+        checkpoint.check_state_dict(self, ckpt.get("state_dict", {}), self.strict_loading)
+        fitting = trainer is not None and str(getattr(trainer.state.fn, "value", "")) == "fit"
+        if fitting and not self._uses_keras_train_step() and not _overrides(
+            self, "configure_optimizers"
+        ):
+            check_optimizer_states(ckpt.get("optimizer_states") or [], self._arguments.optimizer)
+        load_checkpoint(model, ckpt)  # the Keras train_step's optimizers: checked, then assigned
+        checkpoint.on_load_checkpoint(trainer, ckpt)  # random generators, last
 
     # ------------------------------------------------------------------ optimizers
 
@@ -617,6 +632,10 @@ def _validate_loss_spec(loss: Any) -> None:
 def _torchmetrics_in(*specs: Any) -> list[torchmetrics.Metric]:
     leaves = (leaf for spec in specs for leaf in _leaves(spec))
     return [leaf for leaf in leaves if isinstance(leaf, torchmetrics.Metric)]
+
+
+def _overrides(module: KerasLightningModule, name: str) -> bool:
+    return getattr(type(module), name) is not getattr(KerasLightningModule, name)
 
 
 def _is_built(model: keras.Model) -> bool:

@@ -15,7 +15,7 @@ from keras_lightning.exceptions import CheckpointError
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["CLASS", "PATHS", "VARIABLES", "capture", "restore"]
+__all__ = ["CLASS", "PATHS", "VARIABLES", "capture", "check", "check_class", "restore"]
 
 VARIABLES = "keras_variables"
 PATHS = "keras_variable_paths"
@@ -51,6 +51,18 @@ def restore(optimizer: Any, state: Mapping[str, Any], what: str = "The Keras opt
             or shape. Nothing is assigned then.
 
     """
+    check(optimizer, state, what)
+    for variable, value in zip(optimizer.variables, state[VARIABLES], strict=True):
+        variable.assign(value)
+
+
+def check_class(class_name: str, state: Mapping[str, Any], what: str) -> None:
+    """Refuse a state that a Keras optimizer of another class (or a torch optimizer) wrote.
+
+    Raises:
+        CheckpointError: The classes differ, or the state is not a Keras optimizer's.
+
+    """
     if VARIABLES not in state:
         raise CheckpointError(
             "This optimizer state was not written by a KerasOptimizer (no "
@@ -58,14 +70,23 @@ def restore(optimizer: Any, state: Mapping[str, Any], what: str = "The Keras opt
             "the same optimizer type that wrote the checkpoint."
         )
     saved_class = state.get(CLASS)
-    here = type(optimizer).__name__
-    if saved_class is not None and saved_class != here:
+    if saved_class is not None and saved_class != class_name:
         raise CheckpointError(
-            f"{what} is a {here}, but the checkpoint holds the state of a {saved_class}: "
+            f"{what} is a {class_name}, but the checkpoint holds the state of a {saved_class}: "
             f"its slots mean other things. Resume with {saved_class}, or start the optimizer "
             "fresh by loading the weights only (KerasLightningModule.load_from_checkpoint, "
             "then trainer.fit without ckpt_path)."
         )
+
+
+def check(optimizer: Any, state: Mapping[str, Any], what: str = "The Keras optimizer") -> None:
+    """Check a captured state against a built ``optimizer`` (class, count, shapes).
+
+    Raises:
+        CheckpointError: The first mismatch found; nothing is changed.
+
+    """
+    check_class(type(optimizer).__name__, state, what)
     variables = optimizer.variables
     saved = list(state[VARIABLES])
     if len(saved) != len(variables):
@@ -81,5 +102,3 @@ def restore(optimizer: Any, state: Mapping[str, Any], what: str = "The Keras opt
                 f"Optimizer variable {path or variable.path!r} has shape {tuple(value.shape)} "
                 f"in the checkpoint but {tuple(variable.shape)} here."
             )
-    for variable, value in zip(variables, saved, strict=True):
-        variable.assign(value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from keras_lightning import _private, optimizer_state
 from keras_lightning._private import parameter_of
 from keras_lightning.devices import keras_default_device, keras_device, place_variables, same_device
-from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
+from keras_lightning.exceptions import CheckpointError, ConfigurationError, KerasLightningTypeError
 from keras_lightning.fast_update import DirectUpdate, update_path_for
 from keras_lightning.precision import check_keras_optimizer, check_optimizer_dtype
 
@@ -282,6 +282,38 @@ def _keras_optimizer_from_name(name: str, argument: str) -> Any:
             f"{', '.join(_KERAS_OPTIMIZER_NAMES)}. Or pass an optimizer object such as "
             "keras.optimizers.Adam(1e-3) or the class torch.optim.Adam."
         ) from None
+
+
+def check_optimizer_states(states: Sequence[Any], spec: Any) -> None:
+    """Check a checkpoint's optimizer states against the optimizer ``spec`` will build.
+
+    Done before anything is loaded, so that resuming with another optimizer fails with the
+    module untouched: a Keras optimizer's state records its class (Adam's slots are not
+    Adamax's); a torch optimizer's state is not a Keras one, and the other way round.
+
+    Raises:
+        CheckpointError: A state was written by another kind or class of optimizer.
+
+    """
+    keras_class: str | None
+    if isinstance(spec, str):
+        keras_class = type(_keras_optimizer_from_name(spec, "optimizer")).__name__
+    elif isinstance(spec, keras.optimizers.Optimizer):
+        keras_class = type(spec).__name__
+    else:
+        keras_class = None
+    for state in states:
+        if not isinstance(state, dict):
+            continue
+        if keras_class is not None:
+            optimizer_state.check_class(keras_class, state, "The Keras optimizer")
+        elif optimizer_state.VARIABLES in state:
+            raise CheckpointError(
+                "The checkpoint holds the state of a Keras optimizer "
+                f"({state.get(optimizer_state.CLASS, 'of unknown class')}), but this module "
+                "trains with a torch optimizer. Resume with the Keras optimizer that wrote it "
+                "(optimizer='adam' or a keras.optimizers object), or load the weights only."
+            )
 
 
 def check_optimizers_train(optimizers: Sequence[torch.optim.Optimizer], model: Any) -> None:

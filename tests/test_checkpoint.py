@@ -73,8 +73,28 @@ def bn_dropout_model(seed: int = 0) -> keras.Model:
     )
 
 
+# The state_dict keys of bn_dropout_model: position in model.variables, then the layer's class
+# name (not Keras' numbered auto name such as dense_1) and the variable's name.
+BN_DROPOUT_KEYS = [
+    "model.variables.0.dense/kernel",
+    "model.variables.1.dense/bias",
+    "model.variables.2.batch_normalization/gamma",
+    "model.variables.3.batch_normalization/beta",
+    "model.variables.4.batch_normalization/moving_mean",
+    "model.variables.5.batch_normalization/moving_variance",
+    "model.variables.6.seed_generator/seed_generator_state",
+    "model.variables.7.dense/kernel",
+    "model.variables.8.dense/bias",
+]
+
+
+BRIEF_BATCHES = 4  # fit_briefly trains one epoch of this many batches
+
+
 def fit_briefly(module: kl.KerasLightningModule, digits: dict, tmp_path: Path) -> Path:
-    trainer = make_trainer(max_epochs=1, limit_train_batches=4, default_root_dir=tmp_path)
+    trainer = make_trainer(
+        max_epochs=1, limit_train_batches=BRIEF_BATCHES, default_root_dir=tmp_path
+    )
     trainer.fit(module, loader(digits["x_train"], digits["y_train"], batch_size=32))
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -98,7 +118,8 @@ def test_state_dict_keys_do_not_depend_on_keras_auto_names() -> None:
     assert [v.path for v in first.model.variables] != [v.path for v in second.model.variables]
     state = first.state_dict()
     assert list(state) == list(second.state_dict())
-    assert list(state) == stable_keys(first.model)
+    assert list(state) == BN_DROPOUT_KEYS
+    assert stable_keys(first.model) == BN_DROPOUT_KEYS
     assert len(state) == len(first.model.variables)  # Sequential's aliases appear once
     assert not any("_torch_params" in key for key in state)
 
@@ -180,11 +201,14 @@ def test_lightning_checkpoint_uses_stable_keys_and_loads_with_weights_only(
     module = kl.KerasLightningModule(bn_dropout_model(), optimizer="adam", loss=SCCE)
     path = fit_briefly(module, digits, tmp_path)
     checkpoint = torch.load(path, weights_only=True)  # no pickled objects at all
-    assert list(checkpoint["state_dict"]) == stable_keys(module.model)
+    assert list(checkpoint["state_dict"]) == BN_DROPOUT_KEYS
     optimizer_state = checkpoint["optimizer_states"][0]
-    assert int(optimizer_state["keras_variables"][0]) == 4  # Keras Adam's iterations
-    # iterations, learning rate, and Adam's two moments for each of the 6 trainable variables
-    assert len(optimizer_state["keras_variables"]) == 2 + 2 * 6
+    # Keras Adam's iterations: one per batch of fit_briefly's single epoch
+    assert int(optimizer_state["keras_variables"][0]) == BRIEF_BATCHES
+    # iterations, learning rate, and Adam's two moments for each trainable variable
+    trainable = len(module.model.trainable_variables)
+    assert trainable == 6  # two Dense (kernel, bias) and BatchNormalization's gamma, beta
+    assert len(optimizer_state["keras_variables"]) == 2 + 2 * trainable
     # Keras numbers optimizer names per process (adam, adam_3, ...): compare the variable names.
     names = [p.split("/")[-1] for p in optimizer_state["keras_variable_paths"][:2]]
     assert names == ["iteration", "learning_rate"]
@@ -280,7 +304,8 @@ def test_model_checkpoint_saves_every_epoch_of_a_gan(tmp_path: Path) -> None:
     )
     trainer.fit(kl.KerasLightningModule(build_gan()), loaders()[0])
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0.ckpt", "epoch=1.ckpt"]
-    assert trainer.global_step == 4  # one step per batch, so max_steps works too
+    # one step per batch (not one per optimizer), so max_steps works too
+    assert trainer.global_step == trainer.max_epochs * trainer.limit_train_batches
 
 
 @pytest.mark.timeout(300)
@@ -676,7 +701,7 @@ def test_export_to_keras_and_weights_files(digits: dict, tmp_path: Path) -> None
         assert "keras.src.backend.torch" not in archive.read("config.json").decode()
     # the optimizer state travels too: iterations and Adam's moments, as in the checkpoint
     saved = torch.load(path, weights_only=True)["optimizer_states"][0]["keras_variables"]
-    assert int(model.optimizer.iterations) == 4
+    assert int(model.optimizer.iterations) == BRIEF_BATCHES
     assert max_diff([torch.as_tensor(keras.ops.convert_to_numpy(v))
                      for v in model.optimizer.variables], saved) == 0.0
 
@@ -701,11 +726,13 @@ def test_training_starts_from_a_keras_file(digits: dict, tmp_path: Path) -> None
         predict(module, digits["x_val"]), predict(model, digits["x_val"]), atol=1e-6
     )
     trainer = make_trainer(max_epochs=2)
-    trainer.fit(module, loader(digits["x_train"], digits["y_train"]))
+    data = loader(digits["x_train"], digits["y_train"])
+    trainer.fit(module, data)
     assert set(trainer.callback_metrics) == {"loss", "accuracy"}
     keras_optimizer = trainer.optimizers[0].keras_optimizer
     assert keras_optimizer.get_config()["learning_rate"] == pytest.approx(0.004)
-    assert int(keras_optimizer.iterations) == 2 * 44
+    batches = -(-len(data.dataset) // data.batch_size)  # the last batch is partial
+    assert int(keras_optimizer.iterations) == trainer.max_epochs * batches
     assert float(trainer.callback_metrics["accuracy"]) > 0.8
 
 

@@ -26,7 +26,9 @@ SCRIPT = HERE / "scale_out" / "ddp_run.py"
 REPO = HERE.parent
 sys.path.insert(0, str(HERE / "scale_out"))
 
-from ddp_run import digits  # noqa: E402
+from ddp_run import BATCH, N_TRAIN, digits  # noqa: E402
+
+EPOCHS = 2  # the main run of ddp_run.py: Trainer(max_epochs=2), one validation per epoch
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -98,8 +100,10 @@ def _global_metrics(variables: list[np.ndarray]) -> dict[str, float]:
 @pytest.mark.timeout(300)
 def test_weights_identical_on_every_rank_after_every_step(ddp_run: Path) -> None:
     arrays, infos = _load(ddp_run)
+    world_size = infos[0]["world_size"]
     assert [i["world_size"] for i in infos] == [2, 2]
-    assert len(arrays[0]["weights"]) == 16  # 2 epochs x 256 / (2 ranks x 16)
+    # one record per optimizer step: each step takes BATCH samples on every rank
+    assert len(arrays[0]["weights"]) == EPOCHS * N_TRAIN // (world_size * BATCH)
     np.testing.assert_array_equal(arrays[0]["weights"], arrays[1]["weights"])
     # The factory seeded each rank differently: DDP broadcast rank 0's weights before training.
     np.testing.assert_array_equal(arrays[0]["initial_all"], arrays[1]["initial_all"])
@@ -112,7 +116,7 @@ def test_batchnorm_statistics_averaged_before_validation_and_at_the_end(ddp_run:
     arrays, _ = _load(ddp_run)
     pre = [a["val_pre"] for a in arrays]
     post = [a["val_post"] for a in arrays]
-    assert len(pre[0]) == 2  # one validation per epoch
+    assert len(pre[0]) == len(pre[1]) == EPOCHS  # one validation per epoch
     # Each rank saw other data: its moving statistics drifted away from the other rank's...
     assert np.abs(pre[0] - pre[1]).max() > 1e-3
     # ...and validation ran with their mean, identical on both ranks.

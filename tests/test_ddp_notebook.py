@@ -9,7 +9,6 @@ from __future__ import annotations
 from keras_lightning.devices import fork_error
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -154,8 +153,18 @@ def test_fork_error_message(built: bool, bad_fork: bool, expected: str | None) -
         assert "ddp_notebook" in str(error)
 
 
-def test_no_bad_fork_in_this_process() -> None:
-    from keras_lightning._private import in_bad_cuda_fork
+@pytest.mark.parametrize(
+    ("built", "expected"),
+    [(True, "Pass a factory instead of a built model"), (False, "Remove every CUDA call")],
+)
+def test_check_fork_raises_in_a_bad_cuda_fork(monkeypatch, built: bool, expected: str) -> None:
+    from keras_lightning import ConfigurationError
+    from keras_lightning.devices import check_fork
 
-    assert in_bad_cuda_fork() is False
-    assert os.getpid() > 0
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    with pytest.raises(ConfigurationError, match=expected):
+        check_fork(built)
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: False)
+    assert check_fork(built) is None

@@ -378,8 +378,8 @@ def _step_gan(gan: GAN, images: torch.Tensor, steps: int) -> None:
 
 def test_optimizer_state_round_trips_into_a_rebuilt_model_with_other_layer_names(digits):
     images = digit_images(digits, 32)
-    first = make_gan()
-    _step_gan(first, images, 2)
+    first, steps = make_gan(), 2
+    _step_gan(first, images, steps)
     state = keras_optimizer_state(first)
     assert set(state) == {"d_optimizer", "g_optimizer", "optimizer"}
     assert state["optimizer"] == {"built": False}  # super().compile()'s unused default
@@ -390,7 +390,7 @@ def test_optimizer_state_round_trips_into_a_rebuilt_model_with_other_layer_names
     for name, owner in (("d_optimizer", "discriminator"), ("g_optimizer", "generator")):
         restored = keras_optimizers_of(second)[name]
         original = keras_optimizers_of(first)[name]
-        assert int(restored.iterations) == 2
+        assert int(restored.iterations) == steps
         assert [id(v) for v in restored._trainable_variables] == [
             id(v) for v in getattr(second, owner).trainable_weights
         ]
@@ -398,7 +398,7 @@ def test_optimizer_state_round_trips_into_a_rebuilt_model_with_other_layer_names
             np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     # Training goes on from the restored state (Adam's step count continues).
     _step_gan(second, images, 1)
-    assert int(second.d_optimizer.iterations) == 3
+    assert int(second.d_optimizer.iterations) == steps + 1
 
 
 def test_optimizer_state_for_an_optimizer_the_model_lacks_is_refused(digits):
@@ -422,14 +422,15 @@ def test_guide_train_step_logs_flat_keras_names_and_loss_falls():
     module = kl.KerasLightningModule(model)
     logs = EpochLogs()
     trainer = make_trainer(max_epochs=4, callbacks=[logs])
-    trainer.fit(module, loader(x, y, batch_size=32))
+    data = loader(x, y, batch_size=32)
+    trainer.fit(module, data)
 
     assert module.automatic_optimization is False
     assert set(trainer.callback_metrics) == {"loss", "mae"}  # compile_metrics flattened
     assert set(trainer.progress_bar_metrics) >= {"loss"}
     losses = [epoch["loss"] for epoch in logs.epochs]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert int(model.optimizer.iterations) == 4 * 8
+    assert int(model.optimizer.iterations) == trainer.max_epochs * len(data)  # one per batch
     assert all(not np.allclose(a, b) for a, b in zip(before, weights_of(model), strict=True))
 
 
@@ -517,11 +518,12 @@ def test_gan_trains_each_optimizer_on_its_own_model(digits):
     seed_before = keras.ops.convert_to_numpy(gan.seed_generator.state).copy()
     module = kl.KerasLightningModule(gan)
     trainer = make_trainer(max_epochs=2)
-    trainer.fit(module, loader(images, images, batch_size=16))
+    data = loader(images, images, batch_size=16)
+    trainer.fit(module, data)
 
     assert set(trainer.callback_metrics) == {"d_loss", "g_loss"}
     for optimizer, owner in ((gan.d_optimizer, "discriminator"), (gan.g_optimizer, "generator")):
-        assert int(optimizer.iterations) == 4  # 2 epochs of 2 batches
+        assert int(optimizer.iterations) == trainer.max_epochs * len(data)  # one per batch
         owned = getattr(gan, owner).trainable_weights
         assert [id(v) for v in optimizer._trainable_variables] == [id(v) for v in owned]
         changed = [not np.allclose(a, b) for a, b in zip(before[owner], weights_of(getattr(gan, owner)), strict=True)]
@@ -547,11 +549,13 @@ def test_gan_optimizer_state_reaches_the_checkpoint_and_training_resumes_from_it
         for a, b in zip(live, saved[name]["keras_variables"], strict=True):
             np.testing.assert_array_equal(a, b.numpy())
     # The format of version 0.1.0 (values / paths / class) still loads.
+    assert saved["optimizer"] == {"built": False}  # compile()'s default, never applied
     legacy = {
         name: {"built": True, "variable_positions": entry["variable_positions"],
                "values": entry["keras_variables"], "paths": entry["keras_variable_paths"],
-               "class": entry["keras_class"]}
+               "class": entry["keras_class"]} if entry["built"] else entry
         for name, entry in saved.items()
+        if entry["built"]
     }
     fresh = make_gan()
     trainer_for_fresh = make_trainer(max_epochs=1)
@@ -564,8 +568,9 @@ def test_gan_optimizer_state_reaches_the_checkpoint_and_training_resumes_from_it
     resumed = make_gan()
     trainer = make_trainer(max_epochs=2)
     trainer.fit(kl.KerasLightningModule(resumed), data, ckpt_path=path)
-    # 2 steps restored + 2 new ones: Adam's step counts (and moments) came from the checkpoint.
-    assert int(resumed.d_optimizer.iterations) == int(resumed.g_optimizer.iterations) == 4
+    # 1 epoch restored + 1 new one: Adam's step counts (and moments) came from the checkpoint.
+    expected = trainer.max_epochs * len(data)
+    assert int(resumed.d_optimizer.iterations) == int(resumed.g_optimizer.iterations) == expected
 
 
 def test_gan_from_a_factory_is_built_in_configure_model_and_trains(digits):
@@ -573,9 +578,11 @@ def test_gan_from_a_factory_is_built_in_configure_model_and_trains(digits):
     module = kl.KerasLightningModule(make_gan)
     assert module.model is None and module.automatic_optimization is True  # not known yet
     trainer = make_trainer(max_epochs=1)
-    trainer.fit(module, loader(images, images, batch_size=16))
+    data = loader(images, images, batch_size=16)
+    trainer.fit(module, data)
     assert module.automatic_optimization is False
-    assert int(module.model.d_optimizer.iterations) == int(module.model.g_optimizer.iterations) == 2
+    d_steps, g_steps = int(module.model.d_optimizer.iterations), int(module.model.g_optimizer.iterations)
+    assert d_steps == g_steps == trainer.max_epochs * len(data)
     assert set(trainer.callback_metrics) == {"d_loss", "g_loss"}
 
 
@@ -774,23 +781,35 @@ class LightningSideRegression(kl.KerasLightningModule):
 
 def test_lightning_side_step_matches_the_built_in_step():
     x, y = regression_data()
+    epochs, batch_size = 3, 32
     args = dict(loss="mse", metrics=["mae"])
     custom = LightningSideRegression(dense_model(keras.Model), optimizer=keras.optimizers.SGD(0.05), **args)
     builtin = kl.KerasLightningModule(dense_model(keras.Model), optimizer=keras.optimizers.SGD(0.05), **args)
     results = []
     for module in (custom, builtin):
         logs = EpochLogs()
-        trainer = make_trainer(max_epochs=3, callbacks=[logs])
-        trainer.fit(module, loader(x, y, batch_size=32))
+        trainer = make_trainer(max_epochs=epochs, callbacks=[logs])
+        trainer.fit(module, loader(x, y, batch_size=batch_size))
         results.append((logs.epochs, weights_of(module.model)))
+    # The reference: Keras' own fit on the same data, order and initial weights.
+    reference = dense_model(keras.Model)
+    reference.compile(optimizer=keras.optimizers.SGD(0.05), **args)
+    history = reference.fit(
+        x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0
+    ).history
+    keras_logs = [{name: history[name][e] for name in ("loss", "mae")} for e in range(epochs)]
+    keras_weights = weights_of(reference)
     (custom_logs, custom_weights), (builtin_logs, builtin_weights) = results
     assert custom.automatic_optimization is False and builtin.automatic_optimization is True
     assert set(custom_logs[-1]) == {"loss", "mae"}
-    for a, b in zip(custom_logs, builtin_logs, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["mae"] == pytest.approx(b["mae"], rel=1e-5)
-    for a, b in zip(custom_weights, builtin_weights, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert len(custom_logs) == len(builtin_logs) == epochs
+    for logs in (custom_logs, builtin_logs):
+        for a, b in zip(logs, keras_logs, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["mae"] == pytest.approx(b["mae"], rel=1e-5)
+    for weights in (custom_weights, builtin_weights):
+        for a, b in zip(weights, keras_weights, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert custom_logs[-1]["loss"] < 0.8 * custom_logs[0]["loss"]
 
 
@@ -841,17 +860,19 @@ def test_lightning_side_gan_changes_only_the_weights_each_optimizer_owns(digits,
     module = LightningSideGAN(steps)
     before = {"d": weights_of(module.discriminator), "g": weights_of(module.generator)}
     trainer = make_trainer(max_epochs=1)
-    trainer.fit(module, loader(images, batch_size=16))
+    data = loader(images, batch_size=16)
+    trainer.fit(module, data)
     assert set(trainer.callback_metrics) == {"d_loss", "g_loss"}
     d_opt, g_opt = trainer.optimizers
     for key, optimizer, owner in (("d", d_opt, module.discriminator), ("g", g_opt, module.generator)):
         after = weights_of(owner)
         changed = [not np.array_equal(a, b) for a, b in zip(before[key], after, strict=True)]
         assert all(changed) if key in steps else not any(changed), (key, changed)
-        assert int(optimizer.keras_optimizer.iterations) == (2 if key in steps else 0)
+        stepped = trainer.max_epochs * len(data)
+        assert int(optimizer.keras_optimizer.iterations) == (stepped if key in steps else 0)
 
 
-def test_apply_gradients_errors_name_the_fix():
+def test_backward_and_step_errors_name_the_fix():
     class Automatic(kl.KerasLightningModule):
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -867,7 +888,7 @@ def test_apply_gradients_errors_name_the_fix():
             self.backward_and_step(self.discriminator(batch[0]).mean())
 
     images = torch.rand(16, 28, 28, 1)
-    with pytest.raises(kl.ConfigurationError, match=r"2 optimizers.*self.apply_gradients\(loss, opt_d\)"):
+    with pytest.raises(kl.ConfigurationError, match=r"2 optimizers.*self.backward_and_step\(loss, opt_d\)"):
         make_trainer().fit(Two(), loader(images, batch_size=16))
 
 
@@ -883,7 +904,8 @@ def test_lightning_side_gan_resumes_both_keras_optimizers_from_a_checkpoint(digi
     trainer = make_trainer(max_epochs=2)
     trainer.fit(resumed, data, ckpt_path=path)
     d_opt, g_opt = trainer.optimizers
-    assert int(d_opt.keras_optimizer.iterations) == int(g_opt.keras_optimizer.iterations) == 4
+    expected = trainer.max_epochs * len(data)  # the checkpoint's epoch, then one more
+    assert int(d_opt.keras_optimizer.iterations) == int(g_opt.keras_optimizer.iterations) == expected
 
 
 # ---------------------------------------------------------------------- examples
@@ -945,5 +967,6 @@ def test_keras_train_step_counts_global_steps_so_max_steps_stops_training():
     )
     module = kl.KerasLightningModule(build_gan())
     trainer.fit(module, loaders()[0])
-    assert trainer.global_step == 3
-    assert int(module.model.d_optimizer.iterations) == 3
+    assert trainer.global_step == trainer.max_steps
+    assert int(module.model.d_optimizer.iterations) == trainer.max_steps
+    assert trainer.max_steps < len(loaders()[0])  # it stopped within the first epoch

@@ -87,11 +87,23 @@ def test_sample_weight_follows_keras_sum_over_batch_size_for_keras_and_torch_los
 
 
 def test_crossentropy_alias_resolves_from_shapes_like_keras():
-    sparse = resolve_loss("crossentropy", LABELS, LOGITS)
-    dense = resolve_loss("crossentropy", ONE_HOT, torch.softmax(LOGITS, dim=1))
-    assert float(sparse(torch.softmax(LOGITS, 1), LABELS)) == pytest.approx(
-        float(dense(torch.softmax(LOGITS, 1), ONE_HOT)), rel=1e-5
-    )
+    # Keras' compile(loss="crossentropy") picks the loss from the shapes; its outputs are
+    # probabilities (from_logits=False).
+    probabilities = torch.softmax(LOGITS, dim=1)
+    expected = reference_cce(LOGITS, LABELS).mean()
+    # integer labels of shape (batch,) against (batch, classes): sparse categorical
+    sparse = resolve_loss("crossentropy", LABELS, probabilities)
+    assert float(sparse(probabilities, LABELS)) == pytest.approx(expected, rel=1e-5)
+    # one-hot targets of the output's shape: categorical
+    dense = resolve_loss("crossentropy", ONE_HOT, probabilities)
+    assert float(dense(probabilities, ONE_HOT)) == pytest.approx(expected, rel=1e-5)
+    # one output unit: binary
+    p = torch.tensor([[0.9], [0.2], [0.6], [0.3]])
+    t = torch.tensor([[1.0], [0.0], [0.0], [1.0]])
+    binary = resolve_loss("crossentropy", t, p)
+    pn, tn = p.numpy().astype("float64"), t.numpy().astype("float64")
+    expected_binary = -(tn * np.log(pn) + (1 - tn) * np.log(1 - pn)).mean()
+    assert float(binary(p, t)) == pytest.approx(expected_binary, rel=1e-5)
 
 
 def test_plain_callable_is_refused_with_both_markers_in_the_message():

@@ -183,10 +183,47 @@ def test_compiled_keras_model_brings_its_optimizer_loss_and_metrics(digits):
         metrics=["accuracy"],
     )
     module = kl.KerasLightningModule(model)
-    trainer = make_trainer(max_epochs=2)
-    trainer.fit(module, loader(digits["x_train"][:256], digits["y_train"][:256]))
-    assert {"loss", "accuracy"} <= set(trainer.callback_metrics)
-    assert int(model.optimizer.iterations) == 2 * 256 // 32
+    x, y = digits["x_train"][:256], digits["y_train"][:256]
+    data = loader(x, y)
+    seen: list[tuple[int, list[np.ndarray], float]] = []  # (epoch, weights used, batch loss)
+
+    def forward(weights: list[np.ndarray], batch: np.ndarray) -> np.ndarray:
+        kernel1, bias1, kernel2, bias2 = weights
+        return np.maximum(batch @ kernel1 + bias1, 0.0) @ kernel2 + bias2
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, [np.array(w, "float64") for w in model.get_weights()], 0.0))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            epoch, weights, _ = seen[-1]
+            seen[-1] = (epoch, weights, float(outputs["loss"]))
+
+    trainer = make_trainer(max_epochs=2, callbacks=[Record()])
+    trainer.fit(module, data)
+
+    # The optimizer: compile()'s Keras SGD, at its learning rate, stepped once per batch.
+    (optimizer,) = trainer.optimizers
+    assert isinstance(optimizer, kl.KerasOptimizer)
+    assert optimizer.keras_optimizer is model.optimizer
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    batch_size = data.batch_size
+    assert int(model.optimizer.iterations) == trainer.max_epochs * -(-len(x) // batch_size)
+    # The loss: sparse cross-entropy from logits, as NumPy computes it on the first batch.
+    _, weights, first_loss = seen[0]
+    logits = forward(weights, x[:batch_size].astype("float64"))
+    logits -= logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    expected = -log_probs[np.arange(batch_size), y[:batch_size]].mean()
+    assert first_loss == pytest.approx(expected, rel=1e-4)
+    # The metric: the last epoch's accuracy over the predictions each batch was trained on.
+    correct = 0
+    last = [w for epoch, w, _ in seen if epoch == trainer.max_epochs - 1]
+    for index, weights in enumerate(last):
+        xb = x[index * batch_size : (index + 1) * batch_size].astype("float64")
+        yb = y[index * batch_size : (index + 1) * batch_size]
+        correct += int((forward(weights, xb).argmax(axis=1) == yb).sum())
+    assert float(trainer.callback_metrics["accuracy"]) == pytest.approx(correct / len(x), abs=1e-6)
 
 
 def test_model_factory_is_built_in_configure_model(digits):
@@ -222,12 +259,22 @@ def test_unbuilt_model_is_built_from_the_first_batch_and_trains(digits, build):
     assert list(model.parameters()) == []
     module = kl.KerasLightningModule(model, optimizer="adam", loss=torch.nn.CrossEntropyLoss())
     data = loader(digits["x_train"][:128], digits["y_train"][:128])
-    before = None
-    trainer = make_trainer(max_epochs=3)
+    built: list[list[np.ndarray]] = []
+
+    class RecordBuiltWeights(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                built.append([np.array(w) for w in model.get_weights()])
+
+    trainer = make_trainer(max_epochs=3, callbacks=[RecordBuiltWeights()])
     trainer.fit(module, data)
+    assert len(built) == 1  # built before the first batch's update
     weights = model.get_weights()
-    assert len(weights) == 4 and weights[0].shape == (64, 8)
-    assert before is None and trainer.global_step == 12
+    assert [w.shape for w in built[0]] == [(64, 8), (8,), (8, 10), (10,)]
+    assert [w.shape for w in weights] == [w.shape for w in built[0]]
+    for before, after in zip(built[0], weights, strict=True):
+        assert not np.allclose(before, after)
+    assert trainer.global_step == trainer.max_epochs * len(data)
 
 
 def test_predict_returns_outputs_with_training_false(digits):

@@ -34,31 +34,33 @@ def test_adapter_step_is_exactly_the_guides_keras_update(digits):
     twin = clone(model)
     adapter = kl.KerasOptimizer(keras.optimizers.Adam(1e-2), model.trainable_variables)
     reference = keras.optimizers.Adam(1e-2)
-    for _ in range(3):
+    steps = 3
+    for _ in range(steps):
         adapter.zero_grad()
         torch.nn.functional.cross_entropy(model(x, training=True), y).backward()
         adapter.step()
         guide_step(twin, reference, x, y)
     for ours, theirs in zip(model.get_weights(), twin.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)
-    assert int(adapter.keras_optimizer.iterations) == 3
+    assert int(adapter.keras_optimizer.iterations) == int(reference.iterations) == steps
 
 
 def test_state_dict_holds_slots_and_iterations_and_restores_them(digits):
     x, y = torch.tensor(digits["x_train"][:32]), torch.tensor(digits["y_train"][:32])
     model = mlp(hidden=16)
     adapter = kl.KerasOptimizer(keras.optimizers.Adam(1e-2), model.trainable_variables)
-    for _ in range(2):
+    steps = 2
+    for _ in range(steps):
         adapter.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         adapter.step()
     state = adapter.state_dict()
-    # iterations, learning rate, and two Adam moments per variable (4 variables).
-    assert len(state["keras_variables"]) == 2 + 2 * 4
+    # iterations, learning rate, and two Adam moments per trainable variable
+    assert len(state["keras_variables"]) == 2 + 2 * len(model.trainable_variables)
     twin = clone(model)
     restored = kl.KerasOptimizer(keras.optimizers.Adam(1e-2), twin.trainable_variables)
     restored.load_state_dict(state)
-    assert int(restored.keras_optimizer.iterations) == 2
+    assert int(restored.keras_optimizer.iterations) == steps
     for opt, net in ((adapter, model), (restored, twin)):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(x), y).backward()
@@ -115,8 +117,11 @@ def test_keras_learning_rate_schedule_keeps_working_and_is_visible_to_lightning(
     )
     trainer = make_trainer(max_steps=3)
     trainer.fit(module, loader(digits["x_train"][:96], digits["y_train"][:96]))
-    assert int(keras_opt.iterations) == 3
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert int(keras_opt.iterations) == trainer.global_step == trainer.max_steps
+    # decayed once per step (decay_steps=1): the schedule's value after max_steps updates
+    expected = float(schedule(trainer.max_steps))
+    assert expected == pytest.approx(0.1 * 0.5**trainer.max_steps)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
 
 
 def test_keras_schedule_together_with_lr_scheduler_is_refused(digits):
@@ -158,13 +163,13 @@ def test_gradient_accumulation_equals_one_big_batch(digits):
     big = kl.KerasLightningModule(
         twin, optimizer=keras.optimizers.SGD(0.5), loss=torch.nn.CrossEntropyLoss()
     )
-    make_trainer(max_steps=1, accumulate_grad_batches=2).fit(
-        accumulated, loader(x, y, batch_size=16)
-    )
+    trainer = make_trainer(max_steps=1, accumulate_grad_batches=2)
+    trainer.fit(accumulated, loader(x, y, batch_size=16))
     make_trainer(max_steps=1).fit(big, loader(x, y, batch_size=32))
     for ours, theirs in zip(model.get_weights(), twin.get_weights(), strict=True):
         np.testing.assert_allclose(ours, theirs, atol=1e-6)
-    assert int(accumulated.trainer.optimizers[0].keras_optimizer.iterations) == 1
+    # one Keras update for accumulate_grad_batches batches
+    assert int(trainer.optimizers[0].keras_optimizer.iterations) == trainer.max_steps
 
 
 @pytest.mark.parametrize(

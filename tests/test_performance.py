@@ -92,13 +92,21 @@ def test_constrained_variables_keep_keras_apply():
 class StepLosses(L.Callback):
     def __init__(self) -> None:
         self.at_epoch_end: list[float] = []
+        self.batches: list[list[tuple[float, int]]] = []  # (loss, batch size) per epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.batches.append([])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches[-1].append((float(outputs["loss"]), len(batch[0])))
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.at_epoch_end.append(float(trainer.callback_metrics["loss"]))
 
 
 def test_step_loss_is_logged_where_it_is_read(digits, tmp_path):
-    x, y = digits["x_train"][:320], digits["y_train"][:320]  # 10 batches of 32
+    # 330 samples: 10 batches of 32 and a last one of 10, so the weighted mean is not the mean
+    x, y = digits["x_train"][:330], digits["y_train"][:330]
     module = kl.KerasLightningModule(
         mlp(), optimizer="sgd", loss=torch.nn.CrossEntropyLoss()
     )
@@ -114,16 +122,36 @@ def test_step_loss_is_logged_where_it_is_read(digits, tmp_path):
     record = StepLosses()
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
     trainer = make_trainer(max_epochs=2, logger=logger, log_every_n_steps=4, callbacks=[record])
-    trainer.fit(module, loader(x, y))
+    data = loader(x, y)
+    trainer.fit(module, data)
     # First and last batch of each epoch, and the steps the logger writes (every 4th).
-    assert logged_steps == [0, 3, 7, 9, 0, 1, 5, 9]
+    batches, every = trainer.num_training_batches, trainer.log_every_n_steps
+    assert batches == -(-len(x) // data.batch_size)
+    expected = [
+        batch
+        for epoch in range(trainer.max_epochs)
+        for batch in range(batches)
+        if batch in (0, batches - 1) or (epoch * batches + batch + 1) % every == 0
+    ]
+    assert logged_steps == expected
     with open(next(tmp_path.rglob("metrics.csv"))) as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("loss")]
-    written_steps = sorted({int(row["step"]) for row in rows})
-    assert {3, 7, 11, 15} <= set(written_steps)  # plus the epoch means at steps 9 and 19
-    # Callbacks see the last batch's loss at epoch end; the module then logs the exact mean.
-    assert len(record.at_epoch_end) == 2
-    assert float(trainer.callback_metrics["loss"]) != record.at_epoch_end[-1]
+    written_steps = {int(row["step"]) for row in rows}
+    # every log_every_n_steps-th step (plus the epoch means, at each epoch's last step)
+    total = trainer.max_epochs * batches
+    assert trainer.global_step == total
+    assert {step for step in range(total) if (step + 1) % every == 0} <= written_steps
+    # Callbacks see the last batch's loss at epoch end; the module then logs the exact mean
+    # of the epoch's batch losses, weighted by batch size (as Keras' fit does).
+    assert len(record.at_epoch_end) == len(record.batches) == trainer.max_epochs
+    for epoch_end, losses in zip(record.at_epoch_end, record.batches, strict=True):
+        assert epoch_end == pytest.approx(losses[-1][0], rel=1e-6)
+    last = record.batches[-1]
+    sizes = [size for _, size in last]
+    assert sizes[-1] < sizes[0]
+    weighted = sum(loss * size for loss, size in last) / sum(sizes)
+    assert float(trainer.callback_metrics["loss"]) == pytest.approx(weighted, rel=1e-5)
+    assert weighted != pytest.approx(np.mean([loss for loss, _ in last]), rel=1e-6)
 
 
 def test_progress_bar_gets_the_loss_every_step(digits):
@@ -133,8 +161,11 @@ def test_progress_bar_gets_the_loss_every_step(digits):
     original_log = module.log
     module.log = lambda name, *a, **k: (calls.append(name), original_log(name, *a, **k))[1]
     trainer = make_trainer(max_epochs=1, enable_progress_bar=True)
-    trainer.fit(module, loader(x, y))
-    assert calls.count("loss") == 3 + 1  # 3 steps, then the epoch mean
+    data = loader(x, y)
+    trainer.fit(module, data)
+    # every step's loss, then the epoch mean
+    assert trainer.num_training_batches == -(-len(x) // data.batch_size)
+    assert calls.count("loss") == trainer.num_training_batches + 1
     assert np.isfinite(float(trainer.progress_bar_metrics["loss"]))
 
 

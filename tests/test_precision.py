@@ -223,4 +223,4 @@ def test_32_true_follows_the_keras_policy(digits):
     trainer = make_trainer(precision="32-true", max_steps=2)
     trainer.fit(module, loader(digits["x_train"][:64], digits["y_train"][:64]))
     assert {str(v.dtype) for v in module.model.variables} == {"float32"}
-    assert isinstance(trainer.precision_plugin, L.pytorch.plugins.precision.Precision)
+    assert type(trainer.precision_plugin) is L.pytorch.plugins.precision.Precision

@@ -170,11 +170,31 @@ def test_frozen_layers_are_not_averaged():
     assert paths == ["live/moving_mean", "live/moving_variance"]
 
 
-def test_place_variables_keeps_the_parameter_objects():
+@pytest.mark.parametrize(
+    "target",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ),
+    ],
+)
+def test_place_variables_keeps_the_parameter_objects(target):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     params = [devices.parameter_of(v) for v in model.variables]
-    devices.place_variables(model.variables, torch.device("cpu"))
-    assert [devices.parameter_of(v) for v in model.variables] == params
+    values = [p.detach().cpu().clone() for p in params]
+    storage = [p.data_ptr() for p in params]
+    devices.place_variables(model.variables, torch.device(target))
+    moved = [devices.parameter_of(v) for v in model.variables]
+    assert all(a is b for a, b in zip(moved, params, strict=True))
+    assert {p.device.type for p in moved} == {target}
+    for param, value in zip(moved, values, strict=True):
+        torch.testing.assert_close(param.detach().cpu(), value)
+    if target == "cpu":  # already there: the storage is left alone, not copied
+        assert [p.data_ptr() for p in moved] == storage
+    # The Keras variables read the moved parameters.
+    assert {str(keras.ops.convert_to_tensor(v).device.type) for v in model.variables} == {target}
 
 
 def test_same_device_treats_bare_cuda_as_cuda_0():
@@ -189,6 +209,6 @@ def test_keras_optimizer_adapter_runs_keras_on_the_weights_device():
     adapter = kl.KerasOptimizer(keras.optimizers.Adam(0.1), model.trainable_variables)
     model(torch.ones(2, 3)).sum().backward()
     adapter.step()
-    devices = {devices.parameter_of(v).device for v in adapter.keras_optimizer.variables}
-    assert devices == {torch.device("cpu")}
+    found = {devices.parameter_of(v).device for v in adapter.keras_optimizer.variables}
+    assert found == {torch.device("cpu")}
     assert adapter._scoped is False  # the weights are on Keras' default device: no scope
