@@ -10,7 +10,7 @@ from keras_lightning.data import (
     class_weights_for,
     per_output,
 )
-from keras_lightning.exceptions import ConfigurationError, ShapeMismatchError
+from keras_lightning.exceptions import BatchError, ConfigurationError, ShapeMismatchError
 from keras_lightning.losses import LossAdapter, resolve_loss
 
 from collections.abc import Mapping
@@ -133,23 +133,70 @@ def _call_loss(
             f"targets y have {true_shape[0]} (shape {true_shape}). Yield x and y with the "
             "same number of samples."
         )
+    _check_sample_weight(sample_weight, pred_shape, output)
     try:
         return loss_fn(y_pred, y_true, sample_weight)
     except (ValueError, RuntimeError, IndexError) as error:
-        hint = ""
-        if len(true_shape) + 1 == len(pred_shape) or (
-            len(true_shape) == len(pred_shape) and true_shape[-1:] == (1,) != pred_shape[-1:]
-        ):
-            hint = (
-                " y looks like integer class labels while the output has one column per "
-                "class: use 'sparse_categorical_crossentropy' (Keras) or "
-                "torch.nn.CrossEntropyLoss(), or one-hot encode y."
-            )
-        elif len(true_shape) == len(pred_shape) and true_shape != pred_shape:
-            hint = " Make y the same shape as the model output."
+        hint = _diagnose(loss_fn.name, pred_shape, y_true)
         raise ShapeMismatchError(
             f"The loss {loss_fn.name!r} ({loss_fn.convention} convention) could not compare "
             f"output {output!r} of shape {pred_shape} (dtype {getattr(y_pred, 'dtype', '?')}) "
             f"with targets y of shape {true_shape} (dtype {getattr(y_true, 'dtype', '?')}).{hint}"
             f" The loss said: {error}"
         ) from error
+
+
+def _check_sample_weight(sample_weight: Any, pred_shape: tuple[int, ...], output: str) -> None:
+    """A ``sample_weight`` that cannot weigh this batch, named before the loss fails on it."""
+    shape = tuple(getattr(sample_weight, "shape", ()))
+    if sample_weight is None or not pred_shape or not shape:
+        return
+    if shape[0] != pred_shape[0] or len(shape) > len(pred_shape):
+        raise BatchError(
+            f"sample_weight has shape {shape}, but output {output!r} has shape {pred_shape}: "
+            f"expected one weight per sample, shape ({pred_shape[0]},) (or a shape that starts "
+            f"with {pred_shape[0]} and has at most {len(pred_shape)} dimensions, for temporal "
+            "weights). Yield (x, y, sample_weight) with a weight per sample of the batch."
+        )
+
+
+def _integer_valued(y_true: Any) -> bool:
+    tensor = torch.as_tensor(y_true)
+    if not tensor.is_floating_point():
+        return not tensor.is_complex() and tensor.dtype != torch.bool
+    return bool(torch.all(tensor == torch.round(tensor)))
+
+
+def _diagnose(loss_name: str, pred_shape: tuple[int, ...], y_true: Any) -> str:
+    """A hint from what is actually wrong with ``y_true``, or ``""`` when nothing is known."""
+    true_shape = tuple(getattr(y_true, "shape", ()))
+    classes = pred_shape[-1] if pred_shape else None
+    sparse = "sparse" in loss_name.lower() or "crossentropyloss" in loss_name.lower()
+    looks_one_hot = true_shape == pred_shape and classes not in (None, 1)
+    if sparse and looks_one_hot:
+        return (
+            f" y has the output's shape {pred_shape}, like one-hot targets, but a sparse loss "
+            "wants integer class labels of shape (batch,): use 'categorical_crossentropy' "
+            "for one-hot y, or pass y.argmax(-1)."
+        )
+    labels_shape = len(true_shape) + 1 == len(pred_shape) or (
+        len(true_shape) == len(pred_shape) and true_shape[-1:] == (1,) != pred_shape[-1:]
+    )
+    if labels_shape and classes and _integer_valued(y_true):
+        labels = torch.as_tensor(y_true)
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            return (
+                f" y holds class labels from {low} to {high}, but the output has {classes} "
+                f"columns (classes 0 to {classes - 1}): a label is out of range. Fix the labels "
+                "or give the model's last layer one unit per class."
+            )
+        if not sparse:
+            return (
+                " y looks like integer class labels while the output has one column per "
+                "class: use 'sparse_categorical_crossentropy' (Keras) or "
+                "torch.nn.CrossEntropyLoss(), or one-hot encode y."
+            )
+    if len(true_shape) == len(pred_shape) and true_shape != pred_shape:
+        return " Make y the same shape as the model output."
+    return ""
