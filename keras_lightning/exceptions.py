@@ -27,5 +27,21 @@ class ShapeMismatchError(KerasLightningError, ValueError):
     """The targets ``y`` cannot be matched with the model output."""
 
 
+def class_given(argument: str, cls: type, example: str) -> KerasLightningTypeError:
+    """The error for a class passed where an instance is expected (``loss=torch.nn.MSELoss``).
+
+    Example:
+        >>> import torch
+        >>> print(class_given("loss", torch.nn.MSELoss, "torch.nn.MSELoss()"))  # doctest: +ELLIPSIS
+        `loss=MSELoss` is a class, but an object is expected: pass loss=torch.nn.MSELoss() ...
+
+    """
+    return KerasLightningTypeError(
+        f"`{argument}={cls.__name__}` is a class, but an object is expected: pass "
+        f"{argument}={example} (with the arguments you want). Received: the class "
+        f"{cls.__module__}.{cls.__qualname__}."
+    )
+
+
 class CheckpointError(KerasLightningError, ValueError):
     """A checkpoint does not match the model it is loaded into, or cannot be loaded safely."""

@@ -9,7 +9,7 @@ directly, never through Keras' casting (which would turn int64 class labels into
 from __future__ import annotations
 
 from keras_lightning import _private
-from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
+from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError, class_given
 
 import copy
 import difflib
@@ -171,6 +171,10 @@ def resolve_loss(
     """
     if isinstance(identifier, KerasLoss | TorchLoss):
         return identifier
+    if isinstance(identifier, type) and issubclass(identifier, keras.losses.Loss):
+        return KerasLoss(identifier())  # as Keras' compile does with a loss class
+    if isinstance(identifier, type) and issubclass(identifier, torch.nn.Module):
+        raise class_given(argument, identifier, f"torch.nn.{identifier.__name__}()")
     if isinstance(identifier, str):
         return _resolve_loss_name(identifier, y_true, y_pred, argument)
     if isinstance(identifier, keras.losses.Loss):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from keras_lightning import _private
 from keras_lightning.data import per_output
-from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
+from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError, class_given
 from keras_lightning.keras_logs import sum_metric_states
 
 import difflib
@@ -51,6 +51,9 @@ def check_metric_spec(spec: Any, argument: str) -> None:
                     "Use a name such as 'accuracy', 'mae', 'mse', 'auc', or a metric object "
                     "(keras.metrics.AUC(), torchmetrics.Accuracy(...))."
                 ) from None
+        elif isinstance(entry, type) and issubclass(entry, torchmetrics.Metric):
+            # (a Keras metric class is fine: Keras' compile instantiates it, and so do we)
+            raise class_given(argument, entry, f"[torchmetrics.{entry.__name__}(...)]")
         elif not isinstance(entry, keras.metrics.Metric | torchmetrics.Metric) and not callable(
             entry
         ):

@@ -14,7 +14,7 @@ from keras_lightning import _private, checkpoint, devices, precision, replicas
 from keras_lightning.builtin_steps import Arguments, BuiltinSteps
 from keras_lightning.compiled import CompileStats, resolve_compile
 from keras_lightning.data import unpack_batch, validate_class_weight
-from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
+from keras_lightning.exceptions import BatchError, ConfigurationError, KerasLightningTypeError
 from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkpoint, overrides_step
 from keras_lightning.lifecycle import guard_hooks
 from keras_lightning.losses import resolve_loss
@@ -661,7 +661,14 @@ def _peek_first_batch(trainer: Any) -> Any:
         loaders = next(iter(loaders.values()))
     elif isinstance(loaders, list | tuple):
         loaders = loaders[0]
-    return next(iter(loaders))
+    try:
+        return next(iter(loaders))
+    except StopIteration:
+        raise BatchError(
+            "The dataloader yielded no batch, so the Keras model, which has no variables yet, "
+            "cannot be built from its first batch. Pass a dataloader with data, or build the "
+            "model first (a keras.Input, or call it once on a batch)."
+        ) from None
 
 
 def _check_lr_scheduler(spec: Any) -> Any:

@@ -11,7 +11,12 @@ from __future__ import annotations
 from keras_lightning import _private, optimizer_state
 from keras_lightning._private import parameter_of
 from keras_lightning.devices import keras_default_device, keras_device, place_variables, same_device
-from keras_lightning.exceptions import CheckpointError, ConfigurationError, KerasLightningTypeError
+from keras_lightning.exceptions import (
+    CheckpointError,
+    ConfigurationError,
+    KerasLightningTypeError,
+    class_given,
+)
 from keras_lightning.fast_update import DirectUpdate, update_path_for
 from keras_lightning.precision import check_keras_optimizer, check_optimizer_dtype
 
@@ -79,6 +84,14 @@ class KerasOptimizer(torch.optim.Optimizer):
                 "The Keras optimizer has no variables to train: the model has no trainable "
                 "weights. Build the model (give it an Input, or call it once) or unfreeze "
                 "some layers."
+            )
+        if keras_optimizer.built and not _private.optimizer_knows(keras_optimizer, variables):
+            raise ConfigurationError(
+                f"This Keras optimizer ({type(keras_optimizer).__name__}) was already built for "
+                "other variables (another model, or another module given the same optimizer "
+                "object), so it cannot update these: a Keras optimizer belongs to one set of "
+                "variables. Give each module its own optimizer object "
+                "(optimizer=keras.optimizers.Adam(1e-3)) or a name (optimizer='adam')."
             )
         self.keras_optimizer = keras_optimizer
         self.variables = variables
@@ -247,6 +260,9 @@ def resolve_optimizer(
         argument: The argument name shown in error messages.
 
     """
+    if isinstance(spec, type) and issubclass(spec, keras.optimizers.Optimizer):
+        example = f"keras.optimizers.{spec.__name__}(1e-3) or '{spec.__name__.lower()}'"
+        raise class_given(argument, spec, example)
     if isinstance(spec, str):
         return KerasOptimizer(_keras_optimizer_from_name(spec, argument), model.trainable_variables)
     if isinstance(spec, keras.optimizers.Optimizer):

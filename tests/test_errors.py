@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torchmetrics
 from conftest import loader, make_trainer, mlp
 
 
@@ -320,3 +321,62 @@ def test_keras_optimizer_wraps_only_keras_optimizers() -> None:
 def test_keras_optimizer_needs_variables_to_train() -> None:
     with pytest.raises(kl.ConfigurationError, match="has no variables to train"):
         kl.KerasOptimizer(keras.optimizers.SGD(), [])
+
+
+# ---------------------------------------------------------------------- classes for objects
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(optimizer=keras.optimizers.Adam, loss="mse"),
+         r"`optimizer=Adam` is a class, but an object is expected: pass optimizer=keras\.optimizers\.Adam\(1e-3\) or 'adam'"),
+        (dict(optimizer="sgd", loss=torch.nn.CrossEntropyLoss),
+         r"`loss=CrossEntropyLoss` is a class, but an object is expected: pass loss=torch\.nn\.CrossEntropyLoss\(\)"),
+        (dict(optimizer="sgd", loss="mse", metrics=[torchmetrics.MeanAbsoluteError]),
+         r"`metrics=MeanAbsoluteError` is a class, but an object is expected: pass metrics=\[torchmetrics\.MeanAbsoluteError\(\.\.\.\)\]"),
+    ],
+    ids=["keras_optimizer_class", "torch_loss_class", "torchmetrics_class"],
+)
+def test_a_class_where_an_object_is_expected_is_named(kwargs, match):
+    with pytest.raises(kl.KerasLightningTypeError, match=match):
+        module = kl.KerasLightningModule(mlp(hidden=4), **kwargs)
+        make_trainer(max_epochs=1).fit(module, loader(torch.randn(4, 64), torch.randn(4, 10)))
+
+
+def test_keras_loss_and_metric_classes_work_as_in_keras_compile():
+    # Keras' compile instantiates a loss or metric class: so does the module. With a zero
+    # learning rate the weights stay, so the epoch values equal Keras' evaluate.
+    x, y = torch.randn(8, 64), torch.randn(8, 10)
+    model = mlp(hidden=4)
+    module = kl.KerasLightningModule(
+        model, optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.MeanSquaredError,
+        metrics=[keras.metrics.MeanAbsoluteError],
+    )
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(module, loader(x, y, batch_size=8))
+    model.compile(loss=keras.losses.MeanSquaredError, metrics=[keras.metrics.MeanAbsoluteError])
+    reference = model.evaluate(x.numpy(), y.numpy(), batch_size=8, verbose=0, return_dict=True)
+    assert float(trainer.callback_metrics["loss"]) == pytest.approx(reference["loss"], rel=1e-6)
+    assert float(trainer.callback_metrics["mean_absolute_error"]) == pytest.approx(
+        reference["mean_absolute_error"], rel=1e-6
+    )
+
+
+def test_one_keras_optimizer_shared_by_two_modules_is_refused_clearly():
+    shared = keras.optimizers.Adam(1e-3)
+    data = loader(torch.randn(4, 64), torch.randn(4, 10))
+    make_trainer(max_epochs=1).fit(
+        kl.KerasLightningModule(mlp(hidden=4), optimizer=shared, loss="mse"), data
+    )
+    second = kl.KerasLightningModule(mlp(hidden=4, seed=1), optimizer=shared, loss="mse")
+    with pytest.raises(kl.ConfigurationError, match=r"already built for other variables .* its own optimizer object"):
+        make_trainer(max_epochs=1).fit(second, data)
+
+
+def test_an_empty_dataloader_with_an_unbuilt_model_is_named():
+    model = keras.Sequential([keras.layers.Dense(2)])  # no Input: built from the first batch
+    module = kl.KerasLightningModule(model, optimizer="sgd", loss="mse")
+    empty = loader(torch.randn(0, 3), torch.randn(0, 2))
+    with pytest.raises(kl.BatchError, match="The dataloader yielded no batch, so the Keras model"):
+        make_trainer(max_epochs=1).fit(module, empty)
