@@ -8,6 +8,7 @@ from keras_lightning._backend import ensure_torch_backend
 
 ensure_torch_backend()
 
+from keras_lightning.callbacks import TerminateOnNaN  # noqa: E402
 from keras_lightning.checkpoint import (  # noqa: E402
     AtomicCheckpointIO,
     export_keras,
@@ -44,6 +45,7 @@ __all__ = [
     "KerasLoss",
     "KerasOptimizer",
     "ShapeMismatchError",
+    "TerminateOnNaN",
     "TorchLoss",
     "__version__",
     "export_keras",

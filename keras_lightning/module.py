@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from keras_lightning import _private, checkpoint, devices, precision, replicas
 from keras_lightning.builtin_steps import Arguments, BuiltinSteps
+from keras_lightning.callbacks import check_trainer_callbacks
 from keras_lightning.compiled import CompileStats, resolve_compile
 from keras_lightning.data import unpack_batch, validate_class_weight
 from keras_lightning.exceptions import BatchError, ConfigurationError, KerasLightningTypeError
@@ -409,6 +410,9 @@ class KerasLightningModule(L.LightningModule):
     def _library_configure_callbacks(self) -> None:
         # The first hook a forked worker (ddp_notebook) runs: refuse a parent that used CUDA.
         devices.check_fork(model_given_built=self._model_factory is None)
+        trainer = _private.attached_trainer(self)
+        if trainer is not None:  # before Lightning calls any callback hook
+            check_trainer_callbacks(trainer.callbacks)
 
     @override
     def on_train_start(self) -> None:

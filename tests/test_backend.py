@@ -86,6 +86,7 @@ def test_public_surface_is_pinned():
         "KerasLoss",
         "KerasOptimizer",
         "ShapeMismatchError",
+        "TerminateOnNaN",
         "TorchLoss",
         "__version__",
         "export_keras",

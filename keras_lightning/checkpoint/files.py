@@ -11,7 +11,9 @@ import io
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +81,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        """Write ``checkpoint`` to ``path`` through a same-directory temporary file."""
+        """Write ``checkpoint`` to ``path`` through a same-directory temporary file.
+
+        A checkpoint whose weights hold NaN or infinity is written with a warning that says
+        so (and whether it replaces an existing file): it is never swapped in silently.
+        """
         from lightning.fabric.utilities.cloud_io import get_filesystem
 
+        _warn_if_not_finite(checkpoint, path)
         if storage_options is not None or not _is_local(get_filesystem(path)):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -109,6 +116,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
             with contextlib.suppress(OSError):
                 stale.unlink()
+
+
+def _warn_if_not_finite(checkpoint: Mapping[str, Any], path: Any) -> None:
+    state = checkpoint.get("state_dict") or {}
+    bad = [
+        key
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
+    if not bad:
+        return
+    replaces = " It replaces the checkpoint that was there." if os.path.exists(str(path)) else ""
+    warnings.warn(
+        f"Writing checkpoint {str(path)!r} whose weights are not finite (NaN or inf in "
+        f"{len(bad)} tensors, e.g. {bad[0]}).{replaces} Stop training on a non-finite loss "
+        "with kl.TerminateOnNaN(), and keep earlier checkpoints (ModelCheckpoint(save_top_k=-1) "
+        "or a monitor) to resume from a good one.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def use_atomic_writes(trainer: Any) -> None:
