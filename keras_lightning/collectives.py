@@ -7,8 +7,6 @@ dtype through a flat buffer, on a device the process group's backend accepts.
 
 from __future__ import annotations
 
-import atexit
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +14,6 @@ import torch
 __all__ = [
     "all_reduce_sum",
     "broadcast",
-    "destroy_process_group_at_exit",
     "is_distributed",
     "rank",
     "world_size",
@@ -93,19 +90,3 @@ def broadcast(tensors: Sequence[torch.Tensor], src: int = 0) -> list[torch.Tenso
             result[index] = part.view_as(tensors[index]).to(tensors[index].device)
     return result
 
-
-def _destroy_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-@functools.lru_cache(maxsize=1)
-def destroy_process_group_at_exit() -> None:
-    """Register (once) a clean gloo shutdown at interpreter exit.
-
-    Seen on CPU/gloo: after collectives issued from a Keras ``train_step``, a process that exits
-    with its process group still alive sometimes aborts during interpreter shutdown ("terminate
-    called without an active exception", exit code 134) although training finished; destroying
-    the group first avoided it.
-    """
-    atexit.register(_destroy_process_group)

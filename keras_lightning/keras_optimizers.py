@@ -168,7 +168,6 @@ def synchronized_keras_optimizers(model: Any) -> Iterator[None]:
     if world_size == 1:
         yield
         return
-    collectives.destroy_process_group_at_exit()
     patched = []
     for optimizer in keras_optimizers_of(model).values():
         original = optimizer.apply

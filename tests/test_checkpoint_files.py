@@ -127,3 +127,28 @@ def test_an_unreadable_checkpoint_is_a_named_error_with_its_path(tmp_path, kind)
 def test_a_missing_checkpoint_is_still_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="Checkpoint file not found"):
         make_trainer(max_epochs=1).fit(_module(), _data(), ckpt_path=tmp_path / "none.ckpt")
+
+
+def test_the_next_save_in_a_folder_removes_what_killed_writes_left(tmp_path):
+    # What a write killed in an earlier process leaves (the name AtomicCheckpointIO's mkstemp
+    # gives), dated before this process started; and one a live writer elsewhere might own.
+    old = tmp_path / ".epoch=3-step=40.ckpt.k2j4h1x8.partial"
+    old.write_bytes(b"half a checkpoint")
+    an_hour_ago = files_module()._STARTED - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    fresh = tmp_path / ".epoch=4-step=50.ckpt.p9q8r7s6.partial"
+    fresh.write_bytes(b"being written by another process")
+    unrelated = tmp_path / "notes.partial"  # not hidden: not one of ours
+    unrelated.write_text("keep")
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(_module(), _data())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")  # another name, same folder
+    assert not old.exists()
+    assert fresh.exists() and unrelated.exists()
+    assert (tmp_path / "last.ckpt").exists()
+
+
+def files_module():
+    import keras_lightning.checkpoint.files as files
+
+    return files

@@ -681,6 +681,7 @@ trainer = L.Trainer(
 )
 data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, images), batch_size=16)
 trainer.fit(kl.KerasLightningModule(gan), data)
+torch.distributed.destroy_process_group()  # the script that asked for the processes ends them
 """
 
 
@@ -727,6 +728,7 @@ raw.compile(loss="mse", metrics=["mae"])
 (raw_validated,) = trainer.validate(kl.KerasLightningModule(raw), data, verbose=False)
 with open(f"{out}/rank{{rank}}.json", "w") as f:
     json.dump({{"val": validated, "test": tested, "raw": raw_validated}}, f)
+torch.distributed.destroy_process_group()  # the script that asked for the processes ends them
 """
 
 

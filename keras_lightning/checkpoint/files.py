@@ -6,11 +6,11 @@ from keras_lightning import _private
 from keras_lightning.exceptions import CheckpointError
 
 import contextlib
-import glob
 import io
 import os
 import pickle
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+#: When this process imported the package: partial files older than this are not its writes.
+_STARTED = time.time()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -34,7 +37,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     previous good one was. This writer puts the temporary file next to the target, flushes it
     to disk and renames it (``os.replace``), so the target is always either the previous or
     the new complete checkpoint. A kill during a write leaves a hidden
-    ``.<name>.<random>.partial`` file beside it, removed by the next write of that file. Remote
+    ``.<name>.<random>.partial`` file beside it, removed by the next write in that folder
+    (:func:`remove_stale_partials`). Remote
     paths (``s3://`` ...) use Lightning's writer unchanged. Reading is safe by default on every
     path, URLs included (:meth:`load_checkpoint`).
 
@@ -112,10 +116,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.unlink(temp)
             raise
         _fsync_directory(target.parent)
-        # what an earlier killed write of this same file left behind
-        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        remove_stale_partials(target)
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove what killed writes left in ``target``'s folder; return what was removed.
+
+    A ``.<name>.<random>.partial`` file is stale when it is of ``target`` itself (this process
+    just wrote ``target`` completely), or when it was last written before this process started
+    (no write of this process made it, and a write still running elsewhere keeps its file
+    fresh). Partial files of other names written since this process started are left alone:
+    another process may be writing them right now.
+    """
+    removed = []
+    own = f".{target.name}."
+    for stale in target.parent.glob(".*.partial"):
+        try:
+            old = stale.stat().st_mtime < _STARTED
+        except OSError:
+            continue
+        if stale.name.startswith(own) or old:
             with contextlib.suppress(OSError):
                 stale.unlink()
+                removed.append(stale)
+    return removed
 
 
 def _warn_if_not_finite(checkpoint: Mapping[str, Any], path: Any) -> None:
