@@ -274,6 +274,15 @@ def stage_dataloaders(trainer: Any) -> Any:
     return source.dataloader()
 
 
+def mid_epoch(trainer: Any) -> bool:
+    """True while fitting between two training batches of an epoch (not at its end)."""
+    if trainer is None or str(getattr(trainer.state.fn, "value", "")) != "fit":
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    started = progress.current.ready > 0
+    return bool(started and not progress.is_last_batch)
+
+
 def chosen_checkpoint_io(strategy: Any) -> Any:
     """The checkpoint writer the user or strategy set explicitly (None: Lightning's default)."""
     return getattr(strategy, "_checkpoint_io", False)

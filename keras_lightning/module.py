@@ -145,6 +145,7 @@ class KerasLightningModule(L.LightningModule):
         check_metric_spec(weighted_metrics, "weighted_metrics")
         self._builtin = BuiltinSteps(self, self._arguments, resolve_compile(jit_compile))
         self._keras_steps = KerasSteps(self)
+        self._pending_rng: dict[str, Any] | None = None  # set by a mid-epoch resume
         # torchmetrics given by the user are registered so that Lightning moves them.
         self.torchmetrics = torch.nn.ModuleList(_torchmetrics_in(metrics, weighted_metrics))
         if self.model is not None:
@@ -436,6 +437,9 @@ class KerasLightningModule(L.LightningModule):
         return None
 
     def _library_on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng is not None:  # resumed mid-epoch: the streams continue here
+            checkpoint.set_rng_states(self._pending_rng)
+            self._pending_rng = None
         self._steps("train").train_batch_start()
 
     @override
@@ -489,7 +493,10 @@ class KerasLightningModule(L.LightningModule):
         replicas.sync_checkpoint_state(self.model, ckpt["state_dict"], self.state_dict)
         if self._uses_keras_train_step():  # optimizers a custom compile() created
             self._keras_steps.save_checkpoint(ckpt)
-        checkpoint.on_save_checkpoint(self.model, self._arguments, ckpt)
+        trainer = _private.attached_trainer(self)
+        checkpoint.on_save_checkpoint(
+            self.model, self._arguments, ckpt, mid_epoch=_private.mid_epoch(trainer)
+        )
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -507,7 +514,8 @@ class KerasLightningModule(L.LightningModule):
         ):
             check_optimizer_states(ckpt.get("optimizer_states") or [], self._arguments.optimizer)
         load_checkpoint(model, ckpt)  # the Keras train_step's optimizers: checked, then assigned
-        checkpoint.on_load_checkpoint(trainer, ckpt)  # random generators, last
+        # random generators, last: now, or (mid-epoch) just before the next training batch
+        self._pending_rng = checkpoint.on_load_checkpoint(trainer, ckpt)
 
     # ------------------------------------------------------------------ optimizers
 

@@ -92,3 +92,67 @@ def test_a_checkpoint_of_another_architecture_is_refused_before_the_rng_moves(tm
     for a, b in zip(weights, after_weights, strict=True):
         np.testing.assert_array_equal(a, b)
     assert torch.equal(rng, after_rng)
+
+
+MID_EPOCH_SCRIPT = r'''
+import sys
+import keras_lightning as kl
+import keras, lightning as L, numpy as np, torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+mode, out, resume_from = sys.argv[1], sys.argv[2], sys.argv[3]
+L.seed_everything(0)
+keras.utils.set_random_seed(0)
+model = keras.Sequential([
+    keras.Input((8,)),
+    keras.layers.Dense(16, activation="relu"),
+    keras.layers.Dropout(0.3),  # unseeded: draws from torch's global generator
+    keras.layers.Dense(1),
+])
+rng = np.random.default_rng(0)
+x = torch.as_tensor(rng.normal(size=(96, 8)).astype("float32"))
+data = StatefulDataLoader(
+    torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True
+)
+module = kl.KerasLightningModule(model, optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+common = dict(accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False, max_epochs=2)
+if mode == "uninterrupted":
+    L.Trainer(enable_checkpointing=False, **common).fit(module, data)
+elif mode == "interrupted":  # checkpoints mid-epoch, then stops as a killed run would
+    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=out, every_n_train_steps=5, save_top_k=-1)
+    L.Trainer(callbacks=[every], max_steps=17, **common).fit(module, data)
+else:  # a new process resumes from the mid-epoch checkpoint
+    L.Trainer(enable_checkpointing=False, **common).fit(module, data, ckpt_path=resume_from)
+np.save(f"{out}/{mode}.npy", np.concatenate([w.ravel() for w in model.get_weights()]))
+'''
+
+
+@pytest.mark.timeout(300)
+def test_a_mid_epoch_checkpoint_resumes_exactly_with_a_stateful_dataloader(tmp_path):
+    pytest.importorskip("torchdata.stateful_dataloader")
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(MID_EPOCH_SCRIPT)
+    env = dict(os.environ, KERAS_BACKEND="torch", PYTHONHASHSEED="0")
+
+    def run(mode: str, resume_from: str = "") -> np.ndarray:
+        done = subprocess.run(
+            [sys.executable, str(script), mode, str(tmp_path), resume_from],
+            env=env, capture_output=True, text=True, timeout=240,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return np.load(tmp_path / f"{mode}.npy")
+
+    uninterrupted = run("uninterrupted")
+    interrupted = run("interrupted")
+    steps_per_epoch = 96 // 8
+    # step 15 is batch 3 of the second epoch: a mid-epoch checkpoint
+    middle = tmp_path / f"epoch=1-step={steps_per_epoch + 3}.ckpt"
+    assert middle.exists(), sorted(p.name for p in tmp_path.iterdir())
+    resumed = run("resumed", str(middle))
+    assert np.abs(resumed - uninterrupted).max() <= 1e-6
+    assert np.abs(interrupted - uninterrupted).max() > 1e-4  # the stop did cut training short

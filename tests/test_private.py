@@ -341,10 +341,17 @@ class _Recorder(L.Callback):
     def __init__(self) -> None:
         self.writes: list[bool] = []
         self.dataloaders = None
+        self.mid_epoch: list[bool] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.writes.append(_private.logger_writes_this_step(trainer))
         self.dataloaders = _private.stage_dataloaders(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.mid_epoch.append(_private.mid_epoch(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.mid_epoch.append(_private.mid_epoch(trainer))
 
 
 def test_lightning_internals_on_a_real_trainer(tmp_path):
@@ -362,6 +369,9 @@ def test_lightning_internals_on_a_real_trainer(tmp_path):
     # Lightning's loggers write when (step + 1) % log_every_n_steps == 0
     assert recorder.writes == [(step + 1) % 3 == 0 for step in range(8)]
     assert recorder.dataloaders is data
+    # between batches of the epoch: mid-epoch; after its last batch and at its end: not
+    assert recorder.mid_epoch == [True] * 7 + [False, False]
+    assert _private.mid_epoch(None) is False
     step = trainer.global_step
     _private.count_manual_optimizer_step(trainer)
     assert trainer.global_step == step  # counted under manual optimization only

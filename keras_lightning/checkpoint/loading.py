@@ -28,24 +28,43 @@ if TYPE_CHECKING:
 STATE_KEY = "keras_lightning_state"
 
 
-def on_save_checkpoint(model: Any, arguments: Arguments, checkpoint: dict[str, Any]) -> None:
-    """Add the model config, the wrapper's arguments and the RNG states to ``checkpoint``."""
+def on_save_checkpoint(
+    model: Any, arguments: Arguments, checkpoint: dict[str, Any], mid_epoch: bool = False
+) -> None:
+    """Add the model config, the wrapper's arguments and the RNG states to ``checkpoint``.
+
+    ``mid_epoch``: the checkpoint is written between two training batches of an epoch (e.g.
+    ``ModelCheckpoint(every_n_train_steps=...)``); its random streams then continue at the
+    next batch, not at load (see :func:`on_load_checkpoint`).
+    """
     hparams = checkpoint.setdefault("hyper_parameters", {})
     hparams[HPARAMS_KEY] = module_config(model, arguments)
-    checkpoint[STATE_KEY] = {"format": FORMAT_VERSION, "rng": collect_rng_states()}
+    checkpoint[STATE_KEY] = {
+        "format": FORMAT_VERSION,
+        "rng": collect_rng_states(),
+        "mid_epoch": bool(mid_epoch),
+    }
 
 
-def on_load_checkpoint(trainer: Any, checkpoint: dict[str, Any]) -> None:
+def on_load_checkpoint(trainer: Any, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     """When resuming ``trainer.fit``, continue the saved random streams.
 
     Keras' ``Dropout`` without a ``seed`` draws its masks from torch's global generator (not
     from its SeedGenerator), so exact resumption needs the global generators restored. This
     happens only while fitting: ``load_from_checkpoint`` leaves the caller's RNGs alone.
+
+    A checkpoint from an epoch's end restores them now. One written mid-epoch returns them
+    instead, for the caller to restore just before the next training batch: resuming creates
+    the epoch's dataloader iterator again, which draws from the global generator (the
+    uninterrupted run drew at the epoch's start, before the checkpoint's state was taken).
     """
     state = checkpoint.get(STATE_KEY)
     if trainer is None or not state or str(getattr(trainer.state.fn, "value", "")) != "fit":
-        return
+        return None
+    if state.get("mid_epoch"):
+        return dict(state.get("rng", {}))
     set_rng_states(state.get("rng", {}))
+    return None
 
 
 def _stored_config(checkpoint: Mapping[str, Any], path: Any) -> dict[str, Any]:
