@@ -274,9 +274,14 @@ def stage_dataloaders(trainer: Any) -> Any:
     return source.dataloader()
 
 
+def fitting(trainer: Any) -> bool:
+    """True while ``trainer.fit`` runs (not validate / test / predict)."""
+    return trainer is not None and str(getattr(trainer.state.fn, "value", "")) == "fit"
+
+
 def mid_epoch(trainer: Any) -> bool:
     """True while fitting between two training batches of an epoch (not at its end)."""
-    if trainer is None or str(getattr(trainer.state.fn, "value", "")) != "fit":
+    if not fitting(trainer):
         return False
     progress = trainer.fit_loop.epoch_loop.batch_progress
     started = progress.current.ready > 0

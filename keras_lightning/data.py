@@ -193,3 +193,24 @@ def validate_class_weight(class_weight: Any) -> dict[int, float] | None:
                 f"`class_weight[{label}]` must be a number; received {weight!r}."
             ) from error
     return checked
+
+
+def first_batch(loaders: Any) -> Any:
+    """The first batch of a dataloader (the first of several, in a list or dict).
+
+    Raises:
+        BatchError: The dataloader yields no batch.
+
+    """
+    if isinstance(loaders, Mapping):
+        loaders = next(iter(loaders.values()))
+    elif isinstance(loaders, list | tuple):
+        loaders = loaders[0]
+    try:
+        return next(iter(loaders))
+    except StopIteration:
+        raise BatchError(
+            "The dataloader yielded no batch, so the Keras model, which has no variables yet, "
+            "cannot be built from its first batch. Pass a dataloader with data, or build the "
+            "model first (a keras.Input, or call it once on a batch)."
+        ) from None

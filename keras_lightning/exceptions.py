@@ -1,5 +1,7 @@
 """The errors this package raises. Catch :class:`KerasLightningError` to catch them all."""
 
+import difflib
+
 
 class KerasLightningError(Exception):
     """Base class of every error raised by ``keras_lightning``."""
@@ -25,6 +27,18 @@ class BatchError(KerasLightningError, ValueError):
 
 class ShapeMismatchError(KerasLightningError, ValueError):
     """The targets ``y`` cannot be matched with the model output."""
+
+
+def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
+    """`` Did you mean 'a', 'b'?`` for the known names closest to ``name`` (or ``""``).
+
+    Example:
+        >>> did_you_mean("acuracy", ["accuracy", "auc", "mae"])
+        " Did you mean 'accuracy'?"
+
+    """
+    close = difflib.get_close_matches(name.lower(), list(known), n=3)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 def class_given(argument: str, cls: type, example: str) -> KerasLightningTypeError:

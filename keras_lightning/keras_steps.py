@@ -167,8 +167,7 @@ class KerasSteps:
         model = self._model
         self.logs.pop(stage, None)
         trainer = _private.attached_trainer(self.host)
-        fitting = trainer is not None and str(getattr(trainer.state.fn, "value", "")) == "fit"
-        if stage == "val" and fitting:
+        if stage == "val" and _private.fitting(trainer):
             # Keras shares model.metrics between train and evaluation; keep the training
             # epoch's running values intact across a (possibly mid-epoch) validation.
             self._metric_snapshot = snapshot_metrics(list(model.metrics))

@@ -9,10 +9,14 @@ directly, never through Keras' casting (which would turn int64 class labels into
 from __future__ import annotations
 
 from keras_lightning import _private
-from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError, class_given
+from keras_lightning.exceptions import (
+    ConfigurationError,
+    KerasLightningTypeError,
+    class_given,
+    did_you_mean,
+)
 
 import copy
-import difflib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +24,8 @@ from typing import Any
 import keras
 import torch
 
-_CROSSENTROPY_ALIASES = ("crossentropy", "ce")
+#: Loss and metric names that Keras resolves from the shapes of the first batch.
+CROSSENTROPY_ALIASES = ("crossentropy", "ce")
 
 
 class KerasLoss:
@@ -201,7 +206,7 @@ def resolve_loss(
 
 
 def _resolve_loss_name(name: str, y_true: Any, y_pred: Any, argument: str) -> KerasLoss:
-    if name.lower() in _CROSSENTROPY_ALIASES:
+    if name.lower() in CROSSENTROPY_ALIASES:
         if y_true is None or y_pred is None:
             raise ConfigurationError(
                 f"`{argument}={name!r}` is resolved from the shapes of the first batch; "
@@ -213,9 +218,7 @@ def _resolve_loss_name(name: str, y_true: Any, y_pred: Any, argument: str) -> Ke
     except (ValueError, TypeError):
         fn = None
     if fn is None:
-        known = _private.keras_loss_names()
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, _private.keras_loss_names())
         raise ConfigurationError(
             f"`{argument}={name!r}` is not a Keras loss name.{hint} Known names include "
             "'mse', 'mae', 'binary_crossentropy', 'categorical_crossentropy', "

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from keras_lightning import _private
 from keras_lightning.data import per_output
-from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError, class_given
+from keras_lightning.exceptions import (
+    ConfigurationError,
+    KerasLightningTypeError,
+    class_given,
+    did_you_mean,
+)
 from keras_lightning.keras_logs import sum_metric_states
+from keras_lightning.losses import CROSSENTROPY_ALIASES
 
-import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,13 +44,12 @@ def check_metric_spec(spec: Any, argument: str) -> None:
         if entry is None:
             continue
         if isinstance(entry, str):
-            if entry.lower() in ("accuracy", "acc", "crossentropy", "ce"):
+            if entry.lower() in ("accuracy", "acc", *CROSSENTROPY_ALIASES):
                 continue
             try:
                 keras.metrics.get(entry)
             except (ValueError, TypeError):
-                close = difflib.get_close_matches(entry, _private.keras_metric_names(), n=3)
-                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                hint = did_you_mean(entry, _private.keras_metric_names())
                 raise ConfigurationError(
                     f"`{argument}` contains {entry!r}, which is not a Keras metric name.{hint} "
                     "Use a name such as 'accuracy', 'mae', 'mse', 'auc', or a metric object "

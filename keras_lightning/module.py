@@ -14,14 +14,16 @@ from keras_lightning import _private, checkpoint, devices, precision, replicas
 from keras_lightning.builtin_steps import Arguments, BuiltinSteps
 from keras_lightning.callbacks import check_trainer_callbacks
 from keras_lightning.compiled import CompileStats, resolve_compile
-from keras_lightning.data import unpack_batch, validate_class_weight
-from keras_lightning.exceptions import BatchError, ConfigurationError, KerasLightningTypeError
+from keras_lightning.data import first_batch, unpack_batch, validate_class_weight
+from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
 from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkpoint, overrides_step
 from keras_lightning.lifecycle import guard_hooks
-from keras_lightning.losses import resolve_loss
+from keras_lightning.lightning_side import LightningSideHelpers
 from keras_lightning.metrics import check_metric_spec
 from keras_lightning.optimizers import (
     KerasOptimizer,
+    build_scheduler,
+    check_lr_scheduler,
     check_optimizer_states,
     check_optimizers_train,
     resolve_optimizer,
@@ -33,6 +35,8 @@ from keras_lightning.specs import (
     ModelSpec,
     OptimizerSpec,
     SchedulerSpec,
+    torchmetrics_in,
+    validate_loss_spec,
 )
 
 import contextlib
@@ -41,15 +45,13 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import keras
-import lightning as L
 import torch
-import torchmetrics
 from typing_extensions import override
 
 _UNSET: Any = object()
 
 
-class KerasLightningModule(L.LightningModule):
+class KerasLightningModule(LightningSideHelpers):
     """Train a Keras 3 model (torch backend) with ``lightning.Trainer``.
 
     Args:
@@ -138,16 +140,16 @@ class KerasLightningModule(L.LightningModule):
             weighted_metrics=weighted_metrics,
             loss_weights=loss_weights,
             class_weight=validate_class_weight(class_weight),
-            lr_scheduler=_check_lr_scheduler(lr_scheduler),
+            lr_scheduler=check_lr_scheduler(lr_scheduler),
         )
-        _validate_loss_spec(loss)
+        validate_loss_spec(loss)
         check_metric_spec(metrics, "metrics")
         check_metric_spec(weighted_metrics, "weighted_metrics")
         self._builtin = BuiltinSteps(self, self._arguments, resolve_compile(jit_compile))
         self._keras_steps = KerasSteps(self)
         self._pending_rng: dict[str, Any] | None = None  # set by a mid-epoch resume
         # torchmetrics given by the user are registered so that Lightning moves them.
-        self.torchmetrics = torch.nn.ModuleList(_torchmetrics_in(metrics, weighted_metrics))
+        self.torchmetrics = torch.nn.ModuleList(torchmetrics_in(metrics, weighted_metrics))
         if self.model is not None:
             self._adopt_compile_config(self.model)
         checkpoint.register_hooks(self)  # stable state_dict keys (checkpoint/keys.py)
@@ -174,7 +176,7 @@ class KerasLightningModule(L.LightningModule):
             arguments.metrics = config.get("metrics")
             arguments.weighted_metrics = config.get("weighted_metrics")
             self.torchmetrics = torch.nn.ModuleList(
-                _torchmetrics_in(arguments.metrics, arguments.weighted_metrics)
+                torchmetrics_in(arguments.metrics, arguments.weighted_metrics)
             )
 
     def _require_model(self) -> keras.Model:
@@ -240,121 +242,6 @@ class KerasLightningModule(L.LightningModule):
     def forward(self, x: Any, training: bool = False) -> Any:
         """Run the Keras model with an explicit ``training`` flag."""
         return self._require_model()(x, training=training)
-
-    def compute_loss(
-        self, y_pred: Any, y: Any, sample_weight: Any = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The configured loss (order handled, ``model.losses`` added) and per-output losses."""
-        return self._builtin.compute_loss(y_pred, y, sample_weight)
-
-    def backward_and_step(self, loss: torch.Tensor, optimizer: Any = None) -> None:
-        """Backward ``loss`` and step one configured optimizer (Keras or torch).
-
-        Zeroes that optimizer's gradients, runs ``self.manual_backward(loss)`` (so precision
-        plugins and DDP gradient averaging apply) and steps it. Use it in a ``training_step`` of
-        a subclass that sets ``self.automatic_optimization = False``. (Keras' own
-        ``apply_gradients`` takes gradients; this takes the loss.)
-
-        Args:
-            loss: The scalar to minimize.
-            optimizer: One of ``self.optimizers()``; may be left out when
-                ``configure_optimizers`` returns a single optimizer.
-
-        Raises:
-            ConfigurationError: Automatic optimization is on, or several optimizers are
-                configured and none was chosen.
-
-        Example:
-            >>> import keras, lightning, torch
-            >>> import keras_lightning as kl
-            >>> class Module(kl.KerasLightningModule):
-            ...     def __init__(self, model):
-            ...         super().__init__(model, optimizer="sgd", loss="mse")
-            ...         self.automatic_optimization = False
-            ...     def training_step(self, batch, batch_idx):
-            ...         x, y = batch
-            ...         loss, _ = self.compute_loss(self(x, training=True), y)
-            ...         self.backward_and_step(loss)
-            >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-            >>> data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 1))
-            >>> trainer = lightning.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
-            ...                             enable_checkpointing=False, enable_model_summary=False)
-            >>> trainer.fit(Module(model), torch.utils.data.DataLoader(data, batch_size=4))
-            >>> trainer.global_step
-            2
-
-        """
-        if self.automatic_optimization:
-            raise ConfigurationError(
-                "backward_and_step() runs the backward pass and the optimizer step itself, "
-                "which needs Lightning's manual optimization. Set `self.automatic_optimization "
-                "= False` in your module's __init__ (after super().__init__(...))."
-            )
-        if optimizer is None:
-            optimizers = self.optimizers()
-            if isinstance(optimizers, list | tuple):
-                if len(optimizers) != 1:
-                    raise ConfigurationError(
-                        f"configure_optimizers returned {len(optimizers)} optimizers, so "
-                        "backward_and_step(loss) does not know which one to step. Pass it: "
-                        "`opt_d, opt_g = self.optimizers(); self.backward_and_step(loss, opt_d)`."
-                    )
-                optimizers = optimizers[0]
-            optimizer = optimizers
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
-
-    def apply_gradients(self, loss: torch.Tensor, optimizer: Any = None) -> None:
-        """Deprecated name of :meth:`backward_and_step` (Keras' method of this name takes
-        gradients, not a loss).
-        """
-        warnings.warn(
-            "KerasLightningModule.apply_gradients(loss) is deprecated: it is named "
-            "backward_and_step(loss), since Keras' apply_gradients takes gradients. Call "
-            "self.backward_and_step(loss, optimizer).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        self.backward_and_step(loss, optimizer)
-
-    def update_metrics(
-        self,
-        y_pred: Any,
-        y: Any,
-        sample_weight: Any = None,
-        *,
-        loss: torch.Tensor | None = None,
-        stage: str | None = None,
-    ) -> None:
-        """Accumulate the configured metrics (and the mean ``loss``) for this epoch's logs.
-
-        The epoch values are logged under Keras' names (``loss``, ``mae``, ``val_mae``...) at
-        epoch end, exactly as the built-in steps do: computed from the state accumulated over
-        the whole epoch (and all processes), not averaged per batch.
-
-        Args:
-            y_pred: The model output for the batch.
-            y: The targets.
-            sample_weight: Per-sample weights (reach ``weighted_metrics`` only, as in Keras).
-            loss: The batch loss, averaged into the epoch's ``loss`` by batch size.
-            stage: ``"train"``, ``"val"`` or ``"test"``; by default the running stage.
-
-        Raises:
-            ConfigurationError: ``stage`` is not one of the three.
-
-        """
-        stage = stage or _running_stage(_private.attached_trainer(self))
-        if stage not in ("train", "val", "test"):
-            raise ConfigurationError(
-                f"update_metrics(stage={stage!r}): expected one of 'train', 'val', 'test'."
-            )
-        self._builtin.update_metrics(stage, y_pred, y, sample_weight, loss)
-
-    @staticmethod
-    def unpack_batch(batch: Any) -> tuple[Any, Any, Any]:
-        """Split a batch into ``(x, y, sample_weight)`` as Keras' ``fit`` does."""
-        return unpack_batch(batch)
 
     # ------------------------------------------------------------------ steps
 
@@ -508,8 +395,7 @@ class KerasLightningModule(L.LightningModule):
         model = self._require_model()
         trainer = _private.attached_trainer(self)
         checkpoint.check_state_dict(self, ckpt.get("state_dict", {}), self.strict_loading)
-        fitting = trainer is not None and str(getattr(trainer.state.fn, "value", "")) == "fit"
-        if fitting and not self._uses_keras_train_step() and not _overrides(
+        if _private.fitting(trainer) and not self._uses_keras_train_step() and not _overrides(
             self, "configure_optimizers"
         ):
             check_optimizer_states(ckpt.get("optimizer_states") or [], self._arguments.optimizer)
@@ -552,7 +438,7 @@ class KerasLightningModule(L.LightningModule):
             )
         return {
             "optimizer": optimizer,
-            "lr_scheduler": _build_scheduler(arguments.lr_scheduler, optimizer),
+            "lr_scheduler": build_scheduler(arguments.lr_scheduler, optimizer),
         }
 
     # ------------------------------------------------------------------ state and pickling
@@ -626,26 +512,6 @@ guard_hooks(KerasLightningModule)
 # ---------------------------------------------------------------------- helpers
 
 
-def _leaves(spec: Any) -> list[Any]:
-    if isinstance(spec, Mapping):
-        return [leaf for value in spec.values() for leaf in _leaves(value)]
-    if isinstance(spec, list | tuple):
-        return [leaf for value in spec for leaf in _leaves(value)]
-    return [spec]
-
-
-def _validate_loss_spec(loss: Any) -> None:
-    for spec in _leaves(loss):
-        if spec is None or (isinstance(spec, str) and spec.lower() in ("crossentropy", "ce")):
-            continue
-        resolve_loss(spec)
-
-
-def _torchmetrics_in(*specs: Any) -> list[torchmetrics.Metric]:
-    leaves = (leaf for spec in specs for leaf in _leaves(spec))
-    return [leaf for leaf in leaves if isinstance(leaf, torchmetrics.Metric)]
-
-
 def _overrides(module: KerasLightningModule, name: str) -> bool:
     return getattr(type(module), name) is not getattr(KerasLightningModule, name)
 
@@ -654,66 +520,7 @@ def _is_built(model: keras.Model) -> bool:
     return bool(model.built) and len(model.variables) > 0
 
 
-def _running_stage(trainer: Any) -> str:
-    if trainer is None or trainer.training:
-        return "train"
-    if trainer.testing:
-        return "test"
-    return "val"
-
-
 def _peek_first_batch(trainer: Any) -> Any:
     """The first batch of the running stage's dataloader, to build an unbuilt model."""
-    if trainer is None:
-        return None
-    loaders = _private.stage_dataloaders(trainer)
-    if loaders is None:
-        return None
-    if isinstance(loaders, Mapping):
-        loaders = next(iter(loaders.values()))
-    elif isinstance(loaders, list | tuple):
-        loaders = loaders[0]
-    try:
-        return next(iter(loaders))
-    except StopIteration:
-        raise BatchError(
-            "The dataloader yielded no batch, so the Keras model, which has no variables yet, "
-            "cannot be built from its first batch. Pass a dataloader with data, or build the "
-            "model first (a keras.Input, or call it once on a batch)."
-        ) from None
-
-
-def _check_lr_scheduler(spec: Any) -> Any:
-    if spec is None:
-        return None
-    scheduler = spec.get("scheduler") if isinstance(spec, Mapping) else spec
-    if not callable(scheduler):
-        raise KerasLightningTypeError(
-            "`lr_scheduler` must be a callable optimizer -> scheduler, e.g. "
-            "`lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1)`, or a Lightning "
-            "dict {'scheduler': that_callable, 'interval': 'step'}; received "
-            f"{spec!r}."
-        )
-    return spec
-
-
-def _build_scheduler(spec: Any, optimizer: torch.optim.Optimizer) -> Any:
-    if isinstance(spec, Mapping):
-        config = dict(spec)
-        config["scheduler"] = _call_scheduler(config["scheduler"], optimizer)
-        return config
-    return _call_scheduler(spec, optimizer)
-
-
-def _call_scheduler(factory: Any, optimizer: torch.optim.Optimizer) -> Any:
-    scheduler = factory(optimizer)
-    if not isinstance(
-        scheduler,
-        torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
-    ):
-        raise KerasLightningTypeError(
-            "`lr_scheduler` was called with the optimizer and returned "
-            f"{type(scheduler).__name__}, not a torch LR scheduler. Return e.g. "
-            "torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)."
-        )
-    return scheduler
+    loaders = None if trainer is None else _private.stage_dataloaders(trainer)
+    return None if loaders is None else first_batch(loaders)

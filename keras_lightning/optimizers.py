@@ -16,13 +16,13 @@ from keras_lightning.exceptions import (
     ConfigurationError,
     KerasLightningTypeError,
     class_given,
+    did_you_mean,
 )
 from keras_lightning.fast_update import DirectUpdate, update_path_for
 from keras_lightning.precision import check_keras_optimizer, check_optimizer_dtype
 
 import contextlib
-import difflib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -291,8 +291,7 @@ def _keras_optimizer_from_name(name: str, argument: str) -> Any:
     try:
         return keras.optimizers.get(name)
     except ValueError:
-        close = difflib.get_close_matches(name.lower(), _KERAS_OPTIMIZER_NAMES, n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, _KERAS_OPTIMIZER_NAMES)
         raise ConfigurationError(
             f"`{argument}={name!r}` is not a Keras optimizer name.{hint} Known names: "
             f"{', '.join(_KERAS_OPTIMIZER_NAMES)}. Or pass an optimizer object such as "
@@ -360,3 +359,41 @@ def check_optimizers_train(optimizers: Sequence[torch.optim.Optimizer], model: A
 def trainable_parameters(variables: Iterable[Any]) -> list[torch.Tensor]:
     """The torch Parameters behind Keras variables."""
     return [parameter_of(v) for v in variables]
+
+
+def check_lr_scheduler(spec: Any) -> Any:
+    """Check ``lr_scheduler=``: a callable ``optimizer -> scheduler`` or a Lightning dict."""
+    if spec is None:
+        return None
+    scheduler = spec.get("scheduler") if isinstance(spec, Mapping) else spec
+    if not callable(scheduler):
+        raise KerasLightningTypeError(
+            "`lr_scheduler` must be a callable optimizer -> scheduler, e.g. "
+            "`lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1)`, or a Lightning "
+            "dict {'scheduler': that_callable, 'interval': 'step'}; received "
+            f"{spec!r}."
+        )
+    return spec
+
+
+def build_scheduler(spec: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """The scheduler (or Lightning scheduler dict) ``spec`` builds for ``optimizer``."""
+    if isinstance(spec, Mapping):
+        config = dict(spec)
+        config["scheduler"] = _call_scheduler(config["scheduler"], optimizer)
+        return config
+    return _call_scheduler(spec, optimizer)
+
+
+def _call_scheduler(factory: Any, optimizer: torch.optim.Optimizer) -> Any:
+    scheduler = factory(optimizer)
+    if not isinstance(
+        scheduler,
+        torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
+    ):
+        raise KerasLightningTypeError(
+            "`lr_scheduler` was called with the optimizer and returned "
+            f"{type(scheduler).__name__}, not a torch LR scheduler. Return e.g. "
+            "torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)."
+        )
+    return scheduler

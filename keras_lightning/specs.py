@@ -6,8 +6,10 @@ These are the annotations of the public API; :mod:`~keras_lightning.losses`,
 
 from __future__ import annotations
 
+from keras_lightning.losses import CROSSENTROPY_ALIASES, resolve_loss
+
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import keras
 import torch
@@ -20,6 +22,8 @@ __all__ = [
     "ModelSpec",
     "OptimizerSpec",
     "SchedulerSpec",
+    "torchmetrics_in",
+    "validate_loss_spec",
 ]
 
 #: A Keras model, or a zero-argument factory that builds one in ``configure_model``.
@@ -57,3 +61,25 @@ LossWeightsSpec: TypeAlias = float | Sequence[float] | Mapping[str, float] | Non
 _SchedulerFactory: TypeAlias = Callable[[torch.optim.Optimizer], object]
 #: ``optimizer -> torch LR scheduler``, or a Lightning scheduler dict holding such a callable.
 SchedulerSpec: TypeAlias = _SchedulerFactory | Mapping[str, object] | None
+
+
+def _leaves(spec: Any) -> list[Any]:
+    if isinstance(spec, Mapping):
+        return [leaf for value in spec.values() for leaf in _leaves(value)]
+    if isinstance(spec, list | tuple):
+        return [leaf for value in spec for leaf in _leaves(value)]
+    return [spec]
+
+
+def validate_loss_spec(loss: Any) -> None:
+    """Resolve every loss given (a bad name or a plain callable fails at construction)."""
+    for spec in _leaves(loss):
+        if spec is None or (isinstance(spec, str) and spec.lower() in CROSSENTROPY_ALIASES):
+            continue
+        resolve_loss(spec)
+
+
+def torchmetrics_in(*specs: Any) -> list[torchmetrics.Metric]:
+    """The ``torchmetrics.Metric`` objects among metric specs (registered as submodules)."""
+    leaves = (leaf for spec in specs for leaf in _leaves(spec))
+    return [leaf for leaf in leaves if isinstance(leaf, torchmetrics.Metric)]

@@ -344,6 +344,7 @@ class _Recorder(L.Callback):
         self.mid_epoch: list[bool] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        assert _private.fitting(trainer)
         self.writes.append(_private.logger_writes_this_step(trainer))
         self.dataloaders = _private.stage_dataloaders(trainer)
 
@@ -371,7 +372,9 @@ def test_lightning_internals_on_a_real_trainer(tmp_path):
     assert recorder.dataloaders is data
     # between batches of the epoch: mid-epoch; after its last batch and at its end: not
     assert recorder.mid_epoch == [True] * 7 + [False, False]
-    assert _private.mid_epoch(None) is False
+    assert _private.mid_epoch(None) is False and _private.fitting(None) is False
+    trainer.validate(module, data, verbose=False)
+    assert not _private.fitting(trainer)
     step = trainer.global_step
     _private.count_manual_optimizer_step(trainer)
     assert trainer.global_step == step  # counted under manual optimization only

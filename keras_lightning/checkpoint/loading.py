@@ -59,7 +59,7 @@ def on_load_checkpoint(trainer: Any, checkpoint: dict[str, Any]) -> dict[str, An
     uninterrupted run drew at the epoch's start, before the checkpoint's state was taken).
     """
     state = checkpoint.get(STATE_KEY)
-    if trainer is None or not state or str(getattr(trainer.state.fn, "value", "")) != "fit":
+    if not state or not _private.fitting(trainer):
         return None
     if state.get("mid_epoch"):
         return dict(state.get("rng", {}))
