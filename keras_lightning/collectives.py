@@ -55,17 +55,19 @@ def all_reduce_sum(
 ) -> list[torch.Tensor]:
     """``tensors`` summed over all processes (then divided by ``divide_by``).
 
-    One collective per dtype through a flat buffer; the results are new tensors on each
-    input's device (the inputs are not changed). Outside a process group the inputs are
+    One collective per dtype through a flat buffer (on the device the process group's backend
+    takes, whatever devices the inputs are on); the results are new tensors on each input's
+    device (the inputs are not changed). Outside a process group the inputs are
     returned as they are (divided by ``divide_by``). Every rank must pass tensors of the same
     dtypes and sizes in the same order.
     """
     result = list(tensors)
+    distributed = is_distributed()
     for indices in _flat_groups(tensors):
         first = tensors[indices[0]]
-        flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
-        if is_distributed():
-            flat = flat.to(_backend_device(first))
+        device = _backend_device(first) if distributed else first.device
+        flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in indices])
+        if distributed:
             torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
         if divide_by != 1:
             flat = flat / divide_by
@@ -81,9 +83,8 @@ def broadcast(tensors: Sequence[torch.Tensor], src: int = 0) -> list[torch.Tenso
         return list(tensors)
     result = list(tensors)
     for indices in _flat_groups(tensors):
-        first = tensors[indices[0]]
-        flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
-        flat = flat.to(_backend_device(first))
+        device = _backend_device(tensors[indices[0]])
+        flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in indices])
         torch.distributed.broadcast(flat, src=src)
         parts = torch.split(flat, [tensors[i].numel() for i in indices])
         for index, part in zip(indices, parts, strict=True):

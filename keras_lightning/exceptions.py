@@ -33,8 +33,10 @@ def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
     """`` Did you mean 'a', 'b'?`` for the known names closest to ``name`` (or ``""``).
 
     Example:
-        >>> did_you_mean("acuracy", ["accuracy", "auc", "mae"])
+        >>> did_you_mean("acuracy", ["accuracy", "mae", "mse"])
         " Did you mean 'accuracy'?"
+        >>> did_you_mean("zzz", ["accuracy"])
+        ''
 
     """
     close = difflib.get_close_matches(name.lower(), list(known), n=3)

@@ -17,7 +17,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["LIBRARY_HOOKS", "guard_hooks"]
+__all__ = ["LIBRARY_HOOKS", "RUNNING_HOOKS", "guard_hooks"]
 
 #: The Lightning hooks in which the module does work of its own, and when: ``"before"`` the
 #: body of the hook's definition. The module implements each as ``_library_<hook>``.
@@ -39,7 +39,8 @@ LIBRARY_HOOKS = (
 )
 
 _GUARDED = "__keras_lightning_guarded__"
-_RUNNING = "_keras_lightning_running_hooks"
+#: Instance attribute holding the hooks whose library part runs now (dropped when pickled).
+RUNNING_HOOKS = "_keras_lightning_running_hooks"
 
 
 def _guarded(name: str, body: Callable[..., Any]) -> Callable[..., Any]:
@@ -47,9 +48,9 @@ def _guarded(name: str, body: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(body)
     def hook(self: Any, *args: Any, **kwargs: Any) -> Any:
-        running = self.__dict__.get(_RUNNING)
+        running = self.__dict__.get(RUNNING_HOOKS)
         if running is None:
-            running = self.__dict__[_RUNNING] = set()
+            running = self.__dict__[RUNNING_HOOKS] = set()
         if name in running:  # a super() call from an override: the library part ran
             return body(self, *args, **kwargs)
         running.add(name)

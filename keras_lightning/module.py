@@ -17,7 +17,7 @@ from keras_lightning.compiled import CompileStats, resolve_compile
 from keras_lightning.data import first_batch, unpack_batch, validate_class_weight
 from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
 from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkpoint, overrides_step
-from keras_lightning.lifecycle import guard_hooks
+from keras_lightning.lifecycle import RUNNING_HOOKS, guard_hooks
 from keras_lightning.lightning_side import LightningSideHelpers
 from keras_lightning.metrics import check_metric_spec
 from keras_lightning.optimizers import (
@@ -147,7 +147,9 @@ class KerasLightningModule(LightningSideHelpers):
         check_metric_spec(weighted_metrics, "weighted_metrics")
         self._builtin = BuiltinSteps(self, self._arguments, resolve_compile(jit_compile))
         self._keras_steps = KerasSteps(self)
-        self._pending_rng: dict[str, Any] | None = None  # set by a mid-epoch resume
+        # the random states of a resumed checkpoint, restored when training starts (or, for a
+        # mid-epoch checkpoint, just before the next batch): {"rng": ..., "mid_epoch": bool}
+        self._pending_rng: dict[str, Any] | None = None
         # torchmetrics given by the user are registered so that Lightning moves them.
         self.torchmetrics = torch.nn.ModuleList(torchmetrics_in(metrics, weighted_metrics))
         if self.model is not None:
@@ -178,6 +180,16 @@ class KerasLightningModule(LightningSideHelpers):
             self.torchmetrics = torch.nn.ModuleList(
                 torchmetrics_in(arguments.metrics, arguments.weighted_metrics)
             )
+
+    def require_model(self) -> keras.Model:
+        """Deprecated: ``module.model`` once built (``configure_model`` builds a factory's)."""
+        warnings.warn(
+            "KerasLightningModule.require_model() is deprecated: use module.model, which "
+            "configure_model (run by the Trainer) builds from a factory.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self._require_model()
 
     def _require_model(self) -> keras.Model:
         """The Keras model; built from the factory first if needed."""
@@ -287,6 +299,7 @@ class KerasLightningModule(LightningSideHelpers):
         pass
 
     def _library_setup(self, stage: str) -> None:
+        self._pending_rng = None  # only a checkpoint loaded by this run may set it
         trainer = _private.attached_trainer(self)
         devices.move_to_lightning_device(self, trainer)  # configure_model builds there
         checkpoint.use_atomic_writes(trainer)  # a killed write keeps the last checkpoint
@@ -309,14 +322,19 @@ class KerasLightningModule(LightningSideHelpers):
     def _library_on_train_start(self) -> None:
         trainer = _private.attached_trainer(self)
         if trainer is not None and not self._uses_keras_train_step():
-            check_optimizers_train(trainer.optimizers, self._require_model())
-        replicas.start_of_training(self.model)  # per-rank dropout randomness
+            check_optimizers_train(trainer.optimizers, self)
+        pending = self._pending_rng
+        if pending is not None and not pending.get("mid_epoch"):  # resumed at an epoch's end
+            checkpoint.set_rng_states(pending["rng"])
+            self._pending_rng = None
+        replicas.start_of_training(self.model)  # per-rank dropout randomness, after the restore
 
     @override
     def on_train_end(self) -> None:
         pass
 
     def _library_on_train_end(self) -> None:
+        self._pending_rng = None  # a resume that never reached a batch leaves nothing behind
         replicas.end_of_training(self.model)  # every rank ends with the same model
 
     @override
@@ -324,9 +342,11 @@ class KerasLightningModule(LightningSideHelpers):
         return None
 
     def _library_on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._pending_rng is not None:  # resumed mid-epoch: the streams continue here
-            checkpoint.set_rng_states(self._pending_rng)
+        pending = self._pending_rng
+        if pending is not None:  # resumed mid-epoch: the streams continue here
+            checkpoint.set_rng_states(pending["rng"])
             self._pending_rng = None
+            replicas.fork_torch_rng_for_this_rank()  # as at training start (a no-op alone)
         self._steps("train").train_batch_start()
 
     @override
@@ -390,17 +410,17 @@ class KerasLightningModule(LightningSideHelpers):
         pass
 
     def _library_on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
-        # Lightning calls this before it loads anything: check all of the checkpoint first, so
-        # that a mismatch leaves weights, optimizers and random generators as they were.
+        # Lightning calls this before it loads the weights (load_state_dict checks those, with
+        # the strictness Lightning passes, before anything is assigned) and the optimizers:
+        # refuse another optimizer class here, so that a mismatch leaves the module as it was.
+        # The random generators are restored only once training starts (_pending_rng).
         model = self._require_model()
         trainer = _private.attached_trainer(self)
-        checkpoint.check_state_dict(self, ckpt.get("state_dict", {}), self.strict_loading)
         if _private.fitting(trainer) and not self._uses_keras_train_step() and not _overrides(
             self, "configure_optimizers"
         ):
             check_optimizer_states(ckpt.get("optimizer_states") or [], self._arguments.optimizer)
         load_checkpoint(model, ckpt)  # the Keras train_step's optimizers: checked, then assigned
-        # random generators, last: now, or (mid-epoch) just before the next training batch
         self._pending_rng = checkpoint.on_load_checkpoint(trainer, ckpt)
 
     # ------------------------------------------------------------------ optimizers
@@ -454,6 +474,7 @@ class KerasLightningModule(LightningSideHelpers):
     def __getstate__(self) -> dict[str, Any]:
         """Pickle (``ddp_spawn``); a Keras train_step model that cannot be pickled fails clearly."""
         state: dict[str, Any] = super().__getstate__()
+        state.pop(RUNNING_HOOKS, None)  # a copy made inside a hook must not think it runs one
         if self._uses_keras_train_step():
             check_picklable(self.model)
         return state

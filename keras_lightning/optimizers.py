@@ -311,7 +311,9 @@ def check_optimizer_states(states: Sequence[Any], spec: Any) -> None:
 
     """
     keras_class: str | None
-    if isinstance(spec, str):
+    if isinstance(spec, KerasOptimizer):
+        keras_class = type(spec.keras_optimizer).__name__
+    elif isinstance(spec, str):
         keras_class = type(_keras_optimizer_from_name(spec, "optimizer")).__name__
     elif isinstance(spec, keras.optimizers.Optimizer):
         keras_class = type(spec).__name__
@@ -331,17 +333,21 @@ def check_optimizer_states(states: Sequence[Any], spec: Any) -> None:
             )
 
 
-def check_optimizers_train(optimizers: Sequence[torch.optim.Optimizer], model: Any) -> None:
-    """Refuse an optimizer that owns none of the Keras model's trainable weights.
+def check_optimizers_train(
+    optimizers: Sequence[torch.optim.Optimizer], module: torch.nn.Module
+) -> None:
+    """Refuse an optimizer that owns none of the module's parameters.
 
     Such an optimizer steps without error and changes nothing: e.g. one built over another
     module's parameters, or over a model that ``load_from_checkpoint`` has since rebuilt.
+    Every parameter of the module counts (frozen Keras layers that a callback unfreezes later,
+    torch parameters a subclass adds).
 
     Raises:
-        ConfigurationError: One of ``optimizers`` holds none of ``model``'s weights.
+        ConfigurationError: One of ``optimizers`` holds none of ``module``'s parameters.
 
     """
-    weights = {id(parameter_of(v)) for v in model.trainable_variables}
+    weights = {id(p) for p in module.parameters()}
     for index, optimizer in enumerate(optimizers):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if params and not any(id(p) in weights for p in params):

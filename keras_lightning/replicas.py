@@ -37,6 +37,7 @@ __all__ = [
     "broadcast_seed_states",
     "end_of_training",
     "fork_torch_rng",
+    "fork_torch_rng_for_this_rank",
     "offset_seed_states",
     "seed_state_variables",
     "start_of_training",
@@ -124,6 +125,12 @@ def fork_torch_rng(rank: int) -> None:
     """
     drawn = int(torch.randint(0, 2**62, (1,)).item())
     torch.manual_seed((drawn + rank * SEED_STRIDE) % (2**63))
+
+
+def fork_torch_rng_for_this_rank() -> None:
+    """:func:`fork_torch_rng` with this process's rank, under DDP only."""
+    if collectives.is_distributed():
+        fork_torch_rng(collectives.rank())
 
 
 def start_of_training(model: Any) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import io
 import os
 import pickle
+import re
 import tempfile
 import time
 import warnings
@@ -22,6 +23,10 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 #: When this process imported the package: partial files older than this are not its writes.
 _STARTED = time.time()
+#: Tolerance for a network filesystem's clock being ahead of this machine's.
+_CLOCK_MARGIN_S = 600.0
+#: The names ``tempfile.mkstemp(prefix=".<name>.", suffix=".partial")`` gives.
+_PARTIAL_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.partial")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -124,15 +129,17 @@ def remove_stale_partials(target: Path) -> list[Path]:
 
     A ``.<name>.<random>.partial`` file is stale when it is of ``target`` itself (this process
     just wrote ``target`` completely), or when it was last written before this process started
-    (no write of this process made it, and a write still running elsewhere keeps its file
-    fresh). Partial files of other names written since this process started are left alone:
-    another process may be writing them right now.
+    (with ten minutes' margin for a network filesystem's clock; no write of this process made
+    it, and a write still running elsewhere keeps its file fresh). Partial files of other
+    names written since then are left alone: another process may be writing them right now.
     """
     removed = []
     own = f".{target.name}."
     for stale in target.parent.glob(".*.partial"):
+        if not _PARTIAL_NAME.fullmatch(stale.name):
+            continue  # not a name this writer gives
         try:
-            old = stale.stat().st_mtime < _STARTED
+            old = stale.stat().st_mtime < _STARTED - _CLOCK_MARGIN_S
         except OSError:
             continue
         if stale.name.startswith(own) or old:
@@ -229,7 +236,9 @@ def read_checkpoint(
             file ``torch.save`` wrote (truncated, a text file).
 
     """
-    safe = True if weights_only is None else weights_only
+    safe = weights_only
+    if safe is None and os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0") in ("0", ""):
+        safe = True  # torch's own opt-out (that environment variable) is respected
     try:
         return _private.load_checkpoint_file(path, map_location, safe)
     except pickle.UnpicklingError as error:
@@ -245,7 +254,23 @@ def read_checkpoint(
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except (EOFError, OSError, RuntimeError, KeyError, ValueError) as error:
+        if not _looks_unreadable(error):  # out of memory, a bad map_location, ...: as they are
+            raise
         raise _unreadable(path, error) from error
+
+
+#: What torch says about a file it cannot parse (truncated archive, foreign bytes).
+_UNREADABLE_SIGNS = ("pytorchstreamreader", "central directory", "zip", "invalid load key",
+                     "unpickling", "ran out of input", "invalid header", "magic number")
+
+
+def _looks_unreadable(error: BaseException) -> bool:
+    if isinstance(error, EOFError | KeyError):
+        return True
+    if isinstance(error, OSError) and error.errno == 22:  # EINVAL: seeking past a cut file
+        return True
+    text = str(error).lower()
+    return any(sign in text for sign in _UNREADABLE_SIGNS)
 
 
 def _unreadable(path: Any, error: BaseException) -> CheckpointError:

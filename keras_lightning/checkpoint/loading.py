@@ -12,7 +12,7 @@ from keras_lightning.checkpoint.config import (
 )
 from keras_lightning.checkpoint.files import load_checkpoint_file
 from keras_lightning.checkpoint.keys import mismatch_message, stable_keys
-from keras_lightning.checkpoint.rng import collect_rng_states, set_rng_states
+from keras_lightning.checkpoint.rng import collect_rng_states
 from keras_lightning.exceptions import CheckpointError, ConfigurationError
 
 from collections.abc import Mapping
@@ -47,24 +47,22 @@ def on_save_checkpoint(
 
 
 def on_load_checkpoint(trainer: Any, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """When resuming ``trainer.fit``, continue the saved random streams.
+    """The saved random streams to continue when resuming ``trainer.fit``, or None.
 
     Keras' ``Dropout`` without a ``seed`` draws its masks from torch's global generator (not
-    from its SeedGenerator), so exact resumption needs the global generators restored. This
-    happens only while fitting: ``load_from_checkpoint`` leaves the caller's RNGs alone.
+    from its SeedGenerator), so exact resumption needs the global generators restored. Only
+    while fitting: ``load_from_checkpoint`` leaves the caller's generators alone.
 
-    A checkpoint from an epoch's end restores them now. One written mid-epoch returns them
-    instead, for the caller to restore just before the next training batch: resuming creates
-    the epoch's dataloader iterator again, which draws from the global generator (the
-    uninterrupted run drew at the epoch's start, before the checkpoint's state was taken).
+    Nothing is restored here: the caller restores ``{"rng", "mid_epoch"}`` once every part
+    of the checkpoint has loaded, when training starts; for a checkpoint written mid-epoch,
+    just before the next training batch (resuming creates the epoch's dataloader iterator
+    again, which draws from the global generator: the uninterrupted run drew at the epoch's
+    start, before the checkpoint's state was taken).
     """
     state = checkpoint.get(STATE_KEY)
     if not state or not _private.fitting(trainer):
         return None
-    if state.get("mid_epoch"):
-        return dict(state.get("rng", {}))
-    set_rng_states(state.get("rng", {}))
-    return None
+    return {"rng": dict(state.get("rng", {})), "mid_epoch": bool(state.get("mid_epoch"))}
 
 
 def _stored_config(checkpoint: Mapping[str, Any], path: Any) -> dict[str, Any]:
