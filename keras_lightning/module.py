@@ -147,8 +147,8 @@ class KerasLightningModule(LightningSideHelpers):
         check_metric_spec(weighted_metrics, "weighted_metrics")
         self._builtin = BuiltinSteps(self, self._arguments, resolve_compile(jit_compile))
         self._keras_steps = KerasSteps(self)
-        # the random states of a resumed checkpoint, restored when training starts (or, for a
-        # mid-epoch checkpoint, just before the next batch): {"rng": ..., "mid_epoch": bool}
+        # the random states of a resumed checkpoint, restored once its weights have loaded (or,
+        # for a mid-epoch checkpoint, just before the next batch): {"rng": ..., "mid_epoch": ...}
         self._pending_rng: dict[str, Any] | None = None
         # torchmetrics given by the user are registered so that Lightning moves them.
         self.torchmetrics = torch.nn.ModuleList(torchmetrics_in(metrics, weighted_metrics))
@@ -323,10 +323,7 @@ class KerasLightningModule(LightningSideHelpers):
         trainer = _private.attached_trainer(self)
         if trainer is not None and not self._uses_keras_train_step():
             check_optimizers_train(trainer.optimizers, self)
-        pending = self._pending_rng
-        if pending is not None and not pending.get("mid_epoch"):  # resumed at an epoch's end
-            checkpoint.set_rng_states(pending["rng"])
-            self._pending_rng = None
+        self._restore_pending_rng(at="load")  # if the strategy loaded weights another way
         replicas.start_of_training(self.model)  # per-rank dropout randomness, after the restore
 
     @override
@@ -342,11 +339,7 @@ class KerasLightningModule(LightningSideHelpers):
         return None
 
     def _library_on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        pending = self._pending_rng
-        if pending is not None:  # resumed mid-epoch: the streams continue here
-            checkpoint.set_rng_states(pending["rng"])
-            self._pending_rng = None
-            replicas.fork_torch_rng_for_this_rank()  # as at training start (a no-op alone)
+        self._restore_pending_rng(at="batch")  # resumed mid-epoch: the streams go on here
         self._steps("train").train_batch_start()
 
     @override
@@ -413,7 +406,7 @@ class KerasLightningModule(LightningSideHelpers):
         # Lightning calls this before it loads the weights (load_state_dict checks those, with
         # the strictness Lightning passes, before anything is assigned) and the optimizers:
         # refuse another optimizer class here, so that a mismatch leaves the module as it was.
-        # The random generators are restored only once training starts (_pending_rng).
+        # The random generators are restored once the weights have loaded (_pending_rng).
         model = self._require_model()
         trainer = _private.attached_trainer(self)
         if _private.fitting(trainer) and not self._uses_keras_train_step() and not _overrides(
@@ -469,7 +462,25 @@ class KerasLightningModule(LightningSideHelpers):
     ) -> Any:
         """Load stable keys (``checkpoint/keys.py``); a strict mismatch raises CheckpointError."""
         checkpoint.check_state_dict(self, state_dict, strict)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._restore_pending_rng(at="load")  # a resume whose weights loaded: streams go on
+        return result
+
+    def _restore_pending_rng(self, at: str) -> None:
+        """Restore a resumed checkpoint's random generators once its weights have loaded.
+
+        ``at="load"``: right after the weights (an epoch-end checkpoint: nothing draws from
+        the generators between there and the next epoch's dataloader, as in the uninterrupted
+        run); ``at="batch"``: just before the next training batch (a mid-epoch checkpoint: the
+        resumed epoch's dataloader iterator is created again, and draws, before it).
+        """
+        pending = self._pending_rng
+        if pending is None or (at == "load") == bool(pending["mid_epoch"]):
+            return
+        self._pending_rng = None
+        checkpoint.set_rng_states(pending["rng"])
+        if at == "batch":
+            replicas.fork_torch_rng_for_this_rank()  # as at training start (a no-op alone)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle (``ddp_spawn``); a Keras train_step model that cannot be pickled fails clearly."""

@@ -29,9 +29,9 @@ def _overriding_class(call_super: bool) -> type:
     def make(name: str) -> Any:
         def hook(self: Any, *args: Any, **kwargs: Any) -> Any:
             self.__dict__.setdefault("bodies", Counter())[name] += 1
-            if name == "on_load_checkpoint":
-                # the library part ran first: the saved random state is back already
-                self.__dict__["rng_at_load"] = torch.get_rng_state().clone()
+            if name == "on_train_start" and "rng_at_start" not in self.__dict__:
+                # resumed: the saved random state is back when training starts
+                self.__dict__["rng_at_start"] = torch.get_rng_state().clone()
             result = getattr(super(cls, self), name)(*args, **kwargs) if call_super else None
             return [] if name == "configure_callbacks" else result
 
@@ -99,12 +99,23 @@ def test_overriding_every_hook_loses_nothing(tmp_path, call_super):
     saved = torch.load(path, weights_only=True)
     assert HPARAMS_KEY in saved["hyper_parameters"] and STATE_KEY in saved
 
-    # on_load_checkpoint: resuming restores the saved torch RNG state before the body runs
-    torch.manual_seed(123)  # something else than the saved state
+    # on_load_checkpoint: resuming restores the saved random streams: training starts from
+    # the same generator state as a plain module resumed from the same checkpoint
+    class StartState(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.rng = torch.get_rng_state().clone()
+
+    start = StartState()
+    torch.manual_seed(321)
+    make_trainer(max_epochs=3, callbacks=[start]).fit(
+        _module(kl.KerasLightningModule), data, ckpt_path=path
+    )
+    torch.manual_seed(123)  # something else again: the checkpoint's state must win
     resumed = _module(cls)
     trainer = make_trainer(max_epochs=3)
     trainer.fit(resumed, data, ckpt_path=path)
-    assert torch.equal(resumed.rng_at_load, saved[STATE_KEY]["rng"]["torch"])
+    assert torch.equal(resumed.rng_at_start, start.rng)
+    assert not torch.equal(start.rng, torch.manual_seed(123).get_state())
 
     # test: the test epoch's values are logged
     results = trainer.test(resumed, data, verbose=False)

@@ -53,9 +53,9 @@ def on_load_checkpoint(trainer: Any, checkpoint: dict[str, Any]) -> dict[str, An
     from its SeedGenerator), so exact resumption needs the global generators restored. Only
     while fitting: ``load_from_checkpoint`` leaves the caller's generators alone.
 
-    Nothing is restored here: the caller restores ``{"rng", "mid_epoch"}`` once every part
-    of the checkpoint has loaded, when training starts; for a checkpoint written mid-epoch,
-    just before the next training batch (resuming creates the epoch's dataloader iterator
+    Nothing is restored here: the caller restores ``{"rng", "mid_epoch"}`` once the
+    checkpoint's weights have loaded; for a checkpoint written mid-epoch, just before the next
+    training batch (resuming creates the epoch's dataloader iterator
     again, which draws from the global generator: the uninterrupted run drew at the epoch's
     start, before the checkpoint's state was taken).
     """

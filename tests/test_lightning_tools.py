@@ -1,0 +1,152 @@
+"""Lightning tools a Lightning user reaches for, on a Keras model, next to a plain LightningModule."""
+
+from __future__ import annotations
+
+import keras_lightning as kl
+
+import keras
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import loader, make_trainer, mlp
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.tuner import Tuner
+
+
+def _classification(n: int = 64, seed: int = 0) -> torch.utils.data.DataLoader:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 64)).astype("float32")
+    y = (x[:, :10].argmax(1)).astype("int64")
+    return loader(x, y, batch_size=8)
+
+
+def _module(optimizer, **kwargs) -> kl.KerasLightningModule:
+    return kl.KerasLightningModule(
+        mlp(hidden=16), optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), **kwargs,
+    )
+
+
+class _Plain(L.LightningModule):
+    def __init__(self, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class _LearningRates(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimizer = trainer.optimizers[0]
+        if isinstance(optimizer, kl.KerasOptimizer):
+            self.seen.append(float(keras.ops.convert_to_numpy(optimizer.keras_optimizer.learning_rate)))
+        else:
+            self.seen.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize(
+    "optimizer", [lambda: keras.optimizers.Adam(1e-3), lambda: torch.optim.Adam], ids=["keras", "torch"]
+)
+def test_lr_find_reaches_the_optimizer_and_the_next_fit_trains_at_the_suggestion(tmp_path, optimizer):
+    # The reference: a plain LightningModule with self.lr trains at the suggestion.
+    plain = _Plain()
+    trainer = make_trainer(max_epochs=1, default_root_dir=tmp_path)
+    found = Tuner(trainer).lr_find(plain, _classification(), min_lr=1e-5, max_lr=1.0, num_training=20)
+    assert plain.lr == found.suggestion()
+
+    module = _module(optimizer())
+    trainer = make_trainer(max_epochs=1, default_root_dir=tmp_path)
+    result = Tuner(trainer).lr_find(module, _classification(), min_lr=1e-5, max_lr=1.0, num_training=20)
+    lrs, losses = result.results["lr"], result.results["loss"]
+    assert len(lrs) == 20 and lrs[0] < lrs[-1]
+    assert np.std(losses) > 0  # the curve moves with the learning rate
+    suggestion = result.suggestion()
+    assert module.learning_rate == suggestion
+    recorder = _LearningRates()
+    make_trainer(max_epochs=1, callbacks=[recorder]).fit(module, _classification())
+    assert recorder.seen and all(lr == pytest.approx(suggestion, rel=1e-6) for lr in recorder.seen)
+
+
+def test_learning_rate_reads_the_configured_optimizer():
+    assert _module(keras.optimizers.SGD(0.05)).learning_rate == pytest.approx(0.05)
+    assert _module("adam").learning_rate == pytest.approx(keras.optimizers.Adam().learning_rate.numpy())
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
+    module = _module(keras.optimizers.SGD(schedule))
+    assert module.learning_rate is None
+    module.learning_rate = 0.3
+    with pytest.raises(kl.ConfigurationError, match=r"learning_rate=0.3 was set .* LearningRateSchedule"):
+        make_trainer(max_epochs=1).fit(module, _classification())
+
+
+def test_validate_then_fit_under_inference_mode():
+    # Lightning's default Trainer(inference_mode=True): evaluation state built under
+    # inference mode must stay usable by training afterwards, as for a plain module.
+    module = _module("adam", metrics=["accuracy"])
+    trainer = make_trainer(max_epochs=1, inference_mode=True)
+    (before,) = trainer.validate(module, _classification(), verbose=False)
+    trainer = make_trainer(max_epochs=2, inference_mode=True)
+    trainer.fit(module, _classification(), _classification(seed=1))
+    (after,) = trainer.validate(module, _classification(), verbose=False)
+    assert after["val_loss"] < before["val_loss"]
+
+
+class _BarePrinter(ProgressBar):
+    """The documented pattern: a progress bar built on Lightning's base class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enable = True
+        self.shown: list[dict] = []
+
+    def disable(self) -> None:
+        self.enable = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.shown.append(dict(self.get_metrics(trainer, pl_module)))
+
+
+def test_a_custom_progress_bar_on_lightnings_base_class_shows_every_step_loss():
+    bar = _BarePrinter()
+    module = _module("sgd")
+    trainer = make_trainer(max_epochs=1, callbacks=[bar], enable_progress_bar=True)
+    trainer.fit(module, _classification())
+    assert len(bar.shown) == trainer.num_training_batches
+    losses = [row["loss"] for row in bar.shown]
+    assert len(set(losses)) == len(losses)  # a fresh value on every step
+
+
+def test_a_torchmetric_in_weighted_metrics_is_refused_not_silently_unweighted():
+    import torchmetrics
+
+    with pytest.raises(kl.ConfigurationError, match=r"torchmetrics take no sample weights.*metrics=\[MeanSquaredError"):
+        kl.KerasLightningModule(
+            mlp(hidden=4), optimizer="sgd", loss="mse",
+            weighted_metrics=[torchmetrics.MeanSquaredError()],
+        )
+
+
+def test_learning_rate_monitor_logs_what_a_plain_module_logs(tmp_path):
+    monitor = LearningRateMonitor(logging_interval="step", log_momentum=True, log_weight_decay=True)
+    module = _module(keras.optimizers.AdamW(1e-3, beta_1=0.8, weight_decay=0.01))
+    trainer = make_trainer(
+        max_epochs=1, callbacks=[monitor], logger=CSVLogger(tmp_path), log_every_n_steps=1
+    )
+    trainer.fit(module, _classification())
+    logged = trainer.logged_metrics
+    name = "lr-AdamW"
+    assert float(logged[name]) == pytest.approx(1e-3)
+    assert float(logged[f"{name}-momentum"]) == pytest.approx(0.8)
+    assert float(logged[f"{name}-weight_decay"]) == pytest.approx(0.01)
