@@ -58,7 +58,7 @@ def step_loss_wanted(trainer: Any, batch_idx: int) -> bool:
     if trainer is None or batch_idx == 0:
         return True
     bar = trainer.progress_bar_callback
-    if bar is not None and bar.is_enabled:
+    if bar is not None and getattr(bar, "is_enabled", True):  # a custom bar may not say
         return True
     if batch_idx + 1 >= trainer.num_training_batches:
         return True
@@ -153,14 +153,17 @@ class BuiltinSteps:
             return state
         names, outputs = output_structure(y_pred, self.host._require_model())
         arguments = self.arguments
-        state.metrics = bind_metrics(
-            arguments.metrics,
-            arguments.weighted_metrics,
-            names,
-            align_targets(y, names),
-            outputs,
-            copy=stage != "train",
-        )
+        # Lightning evaluates under inference_mode (trainer.validate); the metrics' variables
+        # made here must stay usable by a later fit, so they are made as normal tensors.
+        with torch.inference_mode(False):
+            state.metrics = bind_metrics(
+                arguments.metrics,
+                arguments.weighted_metrics,
+                names,
+                align_targets(y, names),
+                outputs,
+                copy=stage != "train",
+            )
         device = self.host.device
         for metric in state.metrics:
             if metric.is_torchmetric:

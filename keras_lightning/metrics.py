@@ -55,6 +55,13 @@ def check_metric_spec(spec: Any, argument: str) -> None:
                     "Use a name such as 'accuracy', 'mae', 'mse', 'auc', or a metric object "
                     "(keras.metrics.AUC(), torchmetrics.Accuracy(...))."
                 ) from None
+        elif isinstance(entry, torchmetrics.Metric) and argument == "weighted_metrics":
+            raise ConfigurationError(
+                f"`weighted_metrics` contains {type(entry).__name__}(), but torchmetrics take no "
+                "sample weights (their update() is update(preds, target)): it would log the "
+                f"unweighted value. Put it in metrics=[{type(entry).__name__}(...)], or use a "
+                "Keras metric in weighted_metrics (e.g. 'mse', keras.metrics.MeanSquaredError())."
+            )
         elif isinstance(entry, type) and issubclass(entry, torchmetrics.Metric):
             # (a Keras metric class is fine: Keras' compile instantiates it, and so do we)
             raise class_given(argument, entry, f"[torchmetrics.{entry.__name__}(...)]")

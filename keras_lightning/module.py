@@ -26,6 +26,7 @@ from keras_lightning.optimizers import (
     check_lr_scheduler,
     check_optimizer_states,
     check_optimizers_train,
+    resolve_keras_optimizer_name,
     resolve_optimizer,
 )
 from keras_lightning.specs import (
@@ -150,6 +151,7 @@ class KerasLightningModule(LightningSideHelpers):
         # the random states of a resumed checkpoint, restored once its weights have loaded (or,
         # for a mid-epoch checkpoint, just before the next batch): {"rng": ..., "mid_epoch": ...}
         self._pending_rng: dict[str, Any] | None = None
+        self._lr_override: float | None = None  # learning_rate set by the user or lr_find
         # torchmetrics given by the user are registered so that Lightning moves them.
         self.torchmetrics = torch.nn.ModuleList(torchmetrics_in(metrics, weighted_metrics))
         if self.model is not None:
@@ -222,6 +224,32 @@ class KerasLightningModule(LightningSideHelpers):
         """Run Keras on the device Lightning assigned to this module."""
         with devices.keras_device(self.device):
             yield
+
+    @property
+    def learning_rate(self) -> float | None:
+        """The learning rate the next ``fit`` starts at; Lightning's ``lr_find`` reads and sets it.
+
+        By default the configured optimizer's (a Keras optimizer's ``learning_rate``; None
+        for a Keras ``LearningRateSchedule`` or a torch optimizer class, whose own default
+        applies). Setting it (``Tuner(trainer).lr_find(module)`` does) makes the next
+        ``configure_optimizers`` start every param group at that value.
+        """
+        if self._lr_override is not None:
+            return self._lr_override
+        spec = self._arguments.optimizer
+        if isinstance(spec, str):
+            spec = resolve_keras_optimizer_name(spec)
+        if isinstance(spec, KerasOptimizer):
+            spec = spec.keras_optimizer
+        if not isinstance(spec, keras.optimizers.Optimizer) or isinstance(
+            _private.learning_rate_spec(spec), keras.optimizers.schedules.LearningRateSchedule
+        ):
+            return None
+        return float(keras.ops.convert_to_numpy(spec.learning_rate))
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        self._lr_override = float(value)
 
     @property
     def compile_stats(self) -> CompileStats | None:
@@ -440,6 +468,8 @@ class KerasLightningModule(LightningSideHelpers):
             )
         with self.keras_scope():  # Keras optimizer variables on this module's device
             optimizer = resolve_optimizer(arguments.optimizer, model)
+        if self._lr_override is not None:
+            _start_at(optimizer, self._lr_override)
         if arguments.lr_scheduler is None:
             return optimizer
         if isinstance(optimizer, KerasOptimizer) and optimizer.lr_is_schedule:
@@ -542,6 +572,20 @@ guard_hooks(KerasLightningModule)
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _start_at(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Start every param group at ``lr`` (``KerasOptimizer`` passes it to Keras at the step)."""
+    if isinstance(optimizer, KerasOptimizer) and optimizer.lr_is_schedule:
+        raise ConfigurationError(
+            f"learning_rate={lr} was set (by lr_find or by hand), but the Keras optimizer's "
+            "learning rate is a LearningRateSchedule, which sets it on every step. Give the "
+            "Keras optimizer a float learning_rate to tune it, or leave learning_rate unset."
+        )
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if isinstance(optimizer, KerasOptimizer):
+        optimizer.keras_optimizer.learning_rate = lr  # also before the first step
 
 
 def _overrides(module: KerasLightningModule, name: str) -> bool:

@@ -109,8 +109,9 @@ class KerasOptimizer(torch.optim.Optimizer):
             keras.optimizers.schedules.LearningRateSchedule,
         )
         lr = self._current_keras_lr()
-        super().__init__(self._params, {"lr": lr})
+        super().__init__(self._params, {"lr": lr, **_hyperparameters_of(keras_optimizer)})
         self._synced_lr: float | None = None if self._lr_is_schedule else lr
+        self._synced_hyperparameters = _hyperparameters_of(keras_optimizer)
 
     def _current_keras_lr(self) -> float:
         return float(keras.ops.convert_to_numpy(self.keras_optimizer.learning_rate))
@@ -121,11 +122,16 @@ class KerasOptimizer(torch.optim.Optimizer):
         return self._lr_is_schedule
 
     def _sync_lr_to_keras(self) -> None:
-        lr = self.param_groups[0]["lr"]
-        if self._lr_is_schedule or lr == self._synced_lr:
-            return
-        self.keras_optimizer.learning_rate = float(lr)
-        self._synced_lr = lr
+        group = self.param_groups[0]
+        lr = group["lr"]
+        if not self._lr_is_schedule and lr != self._synced_lr:
+            self.keras_optimizer.learning_rate = float(lr)
+            self._synced_lr = lr
+        # momentum / betas / weight_decay a scheduler (OneCycleLR's cycle_momentum) wrote
+        for key, value in self._synced_hyperparameters.items():
+            if group.get(key, value) != value:
+                _set_hyperparameter(self.keras_optimizer, key, group[key])
+                self._synced_hyperparameters[key] = group[key]
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run ``closure`` (forward and backward) if given, then apply the Keras update."""
@@ -248,6 +254,33 @@ class KerasOptimizer(torch.optim.Optimizer):
         self._synced_lr = None
 
 
+def _hyperparameters_of(optimizer: Any) -> dict[str, Any]:
+    """The torch names of a Keras optimizer's hyperparameters, for ``param_groups``.
+
+    ``betas`` (Adam-like ``beta_1`` / ``beta_2``), ``momentum`` (SGD, RMSprop) and
+    ``weight_decay``: what Lightning's ``LearningRateMonitor(log_momentum=True,
+    log_weight_decay=True)`` and momentum-cycling schedulers read and write.
+    """
+    found: dict[str, Any] = {}
+    beta_1, beta_2 = getattr(optimizer, "beta_1", None), getattr(optimizer, "beta_2", None)
+    if isinstance(beta_1, float | int) and isinstance(beta_2, float | int):
+        found["betas"] = (float(beta_1), float(beta_2))
+    momentum = getattr(optimizer, "momentum", None)
+    if isinstance(momentum, float | int) and "betas" not in found:
+        found["momentum"] = float(momentum)
+    found["weight_decay"] = float(getattr(optimizer, "weight_decay", None) or 0.0)
+    return found
+
+
+def _set_hyperparameter(optimizer: Any, key: str, value: Any) -> None:
+    if key == "betas":
+        optimizer.beta_1, optimizer.beta_2 = float(value[0]), float(value[1])
+    elif key == "momentum":
+        optimizer.momentum = float(value)
+    elif key == "weight_decay":
+        optimizer.weight_decay = float(value) or None
+
+
 def resolve_optimizer(
     spec: Any, model: Any, argument: str = "optimizer"
 ) -> torch.optim.Optimizer:
@@ -285,6 +318,11 @@ def resolve_optimizer(
         "optimizer class (torch.optim.Adam) or a callable params -> torch.optim.Optimizer. "
         f"Received: {argument}={spec!r} of type {type(spec).__name__}."
     )
+
+
+def resolve_keras_optimizer_name(name: str, argument: str = "optimizer") -> Any:
+    """A fresh Keras optimizer for a name (``"adam"``); a clear error for an unknown one."""
+    return _keras_optimizer_from_name(name, argument)
 
 
 def _keras_optimizer_from_name(name: str, argument: str) -> Any:

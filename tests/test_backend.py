@@ -117,6 +117,7 @@ def test_module_public_surface_beyond_lightning_is_pinned():
         "compile_stats",
         "compute_loss",
         "keras_scope",
+        "learning_rate",  # what lr_find reads and sets
         "require_model",  # deprecated: module.model
         "unpack_batch",
         "update_metrics",

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.tuner import Tuner
 
 
-def _classification(n: int = 64, seed: int = 0) -> torch.utils.data.DataLoader:
+def _classification(n: int = 256, seed: int = 0) -> torch.utils.data.DataLoader:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 64)).astype("float32")
     y = (x[:, :10].argmax(1)).astype("int64")
@@ -63,14 +63,14 @@ def test_lr_find_reaches_the_optimizer_and_the_next_fit_trains_at_the_suggestion
     # The reference: a plain LightningModule with self.lr trains at the suggestion.
     plain = _Plain()
     trainer = make_trainer(max_epochs=1, default_root_dir=tmp_path)
-    found = Tuner(trainer).lr_find(plain, _classification(), min_lr=1e-5, max_lr=1.0, num_training=20)
+    found = Tuner(trainer).lr_find(plain, _classification(), min_lr=1e-5, max_lr=1.0, num_training=30)
     assert plain.lr == found.suggestion()
 
     module = _module(optimizer())
     trainer = make_trainer(max_epochs=1, default_root_dir=tmp_path)
-    result = Tuner(trainer).lr_find(module, _classification(), min_lr=1e-5, max_lr=1.0, num_training=20)
+    result = Tuner(trainer).lr_find(module, _classification(), min_lr=1e-5, max_lr=1.0, num_training=30)
     lrs, losses = result.results["lr"], result.results["loss"]
-    assert len(lrs) == 20 and lrs[0] < lrs[-1]
+    assert len(lrs) == 30 and lrs[0] < lrs[-1]
     assert np.std(losses) > 0  # the curve moves with the learning rate
     suggestion = result.suggestion()
     assert module.learning_rate == suggestion
@@ -145,8 +145,45 @@ def test_learning_rate_monitor_logs_what_a_plain_module_logs(tmp_path):
         max_epochs=1, callbacks=[monitor], logger=CSVLogger(tmp_path), log_every_n_steps=1
     )
     trainer.fit(module, _classification())
-    logged = trainer.logged_metrics
-    name = "lr-AdamW"
-    assert float(logged[name]) == pytest.approx(1e-3)
-    assert float(logged[f"{name}-momentum"]) == pytest.approx(0.8)
-    assert float(logged[f"{name}-weight_decay"]) == pytest.approx(0.01)
+    import csv
+
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("lr-KerasOptimizer")]
+    # a plain module logs lr-Adam / lr-AdamW: here the adapter's class name shows in the key
+    name = "lr-KerasOptimizer"
+    assert len(rows) == trainer.global_step
+    assert float(rows[0][name]) == pytest.approx(1e-3)
+    assert float(rows[0][f"{name}-momentum"]) == pytest.approx(0.8)  # beta_1, as torch's betas[0]
+    assert float(rows[0][f"{name}-weight_decay"]) == pytest.approx(0.01)
+
+
+def test_a_momentum_cycling_scheduler_reaches_the_keras_optimizer():
+    # OneCycleLR cycles betas[0] in the param groups: the Keras Adam's beta_1 follows.
+    keras_adam = keras.optimizers.Adam(1e-3)
+    module = _module(
+        keras_adam,
+        lr_scheduler={
+            "scheduler": lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=1e-2, total_steps=32, base_momentum=0.85, max_momentum=0.95
+            ),
+            "interval": "step",
+        },
+    )
+    seen: list[float] = []
+
+    class Beta(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(keras_adam.beta_1)
+
+    make_trainer(max_epochs=1, callbacks=[Beta()]).fit(module, _classification())
+    reference = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    cycle = torch.optim.lr_scheduler.OneCycleLR(
+        reference, max_lr=1e-2, total_steps=32, base_momentum=0.85, max_momentum=0.95
+    )
+    expected = []
+    for _ in range(len(seen)):
+        expected.append(reference.param_groups[0]["betas"][0])  # what the step used
+        reference.step()
+        cycle.step()
+    # the Keras beta_1 each step used is the one torch's Adam used at the same step
+    assert len(seen) == 32 and seen == pytest.approx(expected, rel=1e-9)
