@@ -8,10 +8,10 @@ One process, one report: the same model, synthetic data, loss and Adam optimizer
   c_keras_fit_jit     Keras model.fit with jit_compile=True
   d_lightning_torch   Lightning with the plain torch module (torch Adam, self.log of the loss)
   e_kl_eager          KerasLightningModule, eager (Keras Adam + Keras loss)
-  f_kl_compiled       KerasLightningModule(compile=True)
+  f_kl_compiled       KerasLightningModule(jit_compile=True)
   e_kl_eager_torch_adam, f_kl_compiled_torch_adam
                       the same two with optimizer=torch.optim.Adam (and the Keras loss)
-  f_kl_inductor       KerasLightningModule(compile="inductor")   (only with --inductor)
+  f_kl_inductor       KerasLightningModule(jit_compile="inductor")   (only with --inductor)
   z_lightning_floor   Lightning's own loop around a module with one scalar weight: the most
                       steps/s any LightningModule can reach with these Trainer settings
 
@@ -84,9 +84,9 @@ LABELS = {
     "c_keras_fit_jit": "(c) Keras fit(jit_compile=True)",
     "d_lightning_torch": "(d) Lightning, plain torch module",
     "e_kl_eager": "(e) KerasLightningModule eager",
-    "f_kl_compiled": "(f) KerasLightningModule compile=True",
+    "f_kl_compiled": "(f) KerasLightningModule jit_compile=True",
     "e_kl_eager_torch_adam": "(e') KerasLightningModule eager, torch Adam",
-    "f_kl_compiled_torch_adam": "(f') KerasLightningModule compile=True, torch Adam",
+    "f_kl_compiled_torch_adam": "(f') KerasLightningModule jit_compile=True, torch Adam",
     INDUCTOR: "(f) KerasLightningModule compile='inductor'",
     "z_lightning_floor": "(z) Lightning's loop alone (floor)",
 }
