@@ -82,3 +82,29 @@ def digits() -> dict[str, np.ndarray]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     keras.utils.set_random_seed(1234)
+
+
+class GuideRegressor(keras.Model):
+    """One Dense layer with the train_step of Keras' guide "Customizing what happens in fit()"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, data):
+        x, y = data
+        self.zero_grad()
+        loss = self.compute_loss(y=y, y_pred=self(x, training=True))
+        loss.backward()
+        grads = [v.value.grad for v in self.trainable_weights]
+        with torch.no_grad():
+            self.optimizer.apply(grads, self.trainable_weights)
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, self(x, training=False))
+        return {m.name: m.result() for m in self.metrics}

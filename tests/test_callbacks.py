@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import loader, make_trainer, mlp
+from conftest import GuideRegressor, loader, make_trainer, mlp
 
 
 def _data_with_nan_in_batch(bad_batch: int, batches: int = 5, batch_size: int = 4):
@@ -68,25 +68,7 @@ def test_terminate_on_nan_stops_where_keras_fit_stops(tmp_path):
 
 
 def test_terminate_on_nan_reads_a_keras_train_step_s_loss():
-    class Stepper(keras.Model):
-        def __init__(self) -> None:
-            super().__init__()
-            self.dense = keras.layers.Dense(1)
-
-        def call(self, x):
-            return self.dense(x)
-
-        def train_step(self, data):
-            x, y = data
-            self.zero_grad()
-            loss = self.compute_loss(y=y, y_pred=self(x, training=True))
-            loss.backward()
-            grads = [v.value.grad for v in self.trainable_weights]
-            with torch.no_grad():
-                self.optimizer.apply(grads, self.trainable_weights)
-            return {"loss": loss}
-
-    model = Stepper()
+    model = GuideRegressor()
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     model(torch.zeros(1, 3))
     x = np.ones((12, 3), dtype="float32")

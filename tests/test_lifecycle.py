@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import loader, make_trainer, mlp
+from conftest import GuideRegressor, loader, make_trainer, mlp
 
 
 def _overriding_class(call_super: bool) -> type:
@@ -131,29 +131,6 @@ def test_overriding_every_hook_loses_nothing(tmp_path, call_super):
 
 
 def test_a_keras_train_step_model_keeps_its_logs_when_hooks_are_overridden():
-    class Regressor(keras.Model):
-        def __init__(self) -> None:
-            super().__init__()
-            self.dense = keras.layers.Dense(1)
-
-        def call(self, x):
-            return self.dense(x)
-
-        def train_step(self, data):
-            x, y = data
-            self.zero_grad()
-            loss = self.compute_loss(y=y, y_pred=self(x, training=True))
-            loss.backward()
-            grads = [v.value.grad for v in self.trainable_weights]
-            with torch.no_grad():
-                self.optimizer.apply(grads, self.trainable_weights)
-            for metric in self.metrics:
-                if metric.name == "loss":
-                    metric.update_state(loss)
-                else:
-                    metric.update_state(y, self(x, training=False))
-            return {m.name: m.result() for m in self.metrics}
-
     class Quiet(kl.KerasLightningModule):
         def on_train_epoch_start(self) -> None:  # no super()
             pass
@@ -161,9 +138,9 @@ def test_a_keras_train_step_model_keeps_its_logs_when_hooks_are_overridden():
         def on_train_epoch_end(self) -> None:  # no super()
             pass
 
-    def build() -> Regressor:
+    def build() -> GuideRegressor:
         keras.utils.set_random_seed(0)
-        model = Regressor()
+        model = GuideRegressor()
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", metrics=["mae"])
         model(torch.zeros(1, 3))
         return model
