@@ -95,11 +95,27 @@ def _kernel_manager(tmp_path: Path) -> object:
 def _results(nb: object) -> list[dict[str, object]]:
     found = []
     for cell in nb.cells:  # type: ignore[attr-defined]
-        for output in cell.get("outputs", []):
-            for line in output.get("text", "").splitlines():
-                if line.startswith("RESULT "):
-                    found.append(json.loads(line[len("RESULT ") :]))
+        # A cell's stdout can arrive as several stream messages, split anywhere (seen on a
+        # loaded machine): join them before reading lines.
+        text = "".join(
+            output.get("text", "")
+            for output in cell.get("outputs", [])
+            if output.get("output_type") == "stream" and output.get("name") == "stdout"
+        )
+        for line in text.splitlines():
+            if line.startswith("RESULT "):
+                found.append(json.loads(line[len("RESULT ") :]))
     return found
+
+
+def _outputs(nb: object) -> str:
+    """Every cell's output, for the failure message."""
+    return "\n".join(
+        f"[cell {i}] {output.get('name', output.get('output_type'))}: "
+        f"{output.get('text', output.get('evalue', ''))[-1500:]}"
+        for i, cell in enumerate(nb.cells)  # type: ignore[attr-defined]
+        for output in cell.get("outputs", [])
+    )
 
 
 @pytest.mark.ddp
@@ -120,7 +136,9 @@ def test_ddp_notebook_in_a_real_kernel(tmp_path: Path) -> None:
         nb, km=_kernel_manager(tmp_path), timeout=240, resources={"metadata": {"path": str(REPO)}}
     )
     client.execute()
-    trained, refused = _results(nb)
+    results = _results(nb)
+    assert len(results) == 2, _outputs(nb)
+    trained, refused = results
 
     assert trained["strategy"] == "DDPStrategy" and trained["world_size"] == 2
     metrics = trained["metrics"]
