@@ -15,19 +15,17 @@ from keras_lightning.builtin_steps import Arguments, BuiltinSteps
 from keras_lightning.callbacks import check_trainer_callbacks
 from keras_lightning.compiled import CompileStats, resolve_compile
 from keras_lightning.data import first_batch, unpack_batch, validate_class_weight
-from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
+from keras_lightning.exceptions import KerasLightningTypeError
 from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkpoint, overrides_step
 from keras_lightning.lifecycle import RUNNING_HOOKS, guard_hooks
 from keras_lightning.lightning_side import LightningSideHelpers
 from keras_lightning.metrics import check_metric_spec
 from keras_lightning.optimizers import (
-    KerasOptimizer,
-    build_scheduler,
     check_lr_scheduler,
     check_optimizer_states,
     check_optimizers_train,
-    resolve_keras_optimizer_name,
-    resolve_optimizer,
+    configure_builtin,
+    learning_rate_of,
 )
 from keras_lightning.specs import (
     LossSpec,
@@ -236,16 +234,7 @@ class KerasLightningModule(LightningSideHelpers):
         """
         if self._lr_override is not None:
             return self._lr_override
-        spec = self._arguments.optimizer
-        if isinstance(spec, str):
-            spec = resolve_keras_optimizer_name(spec)
-        if isinstance(spec, KerasOptimizer):
-            spec = spec.keras_optimizer
-        if not isinstance(spec, keras.optimizers.Optimizer) or isinstance(
-            _private.learning_rate_spec(spec), keras.optimizers.schedules.LearningRateSchedule
-        ):
-            return None
-        return float(keras.ops.convert_to_numpy(spec.learning_rate))
+        return learning_rate_of(self._arguments.optimizer)
 
     @learning_rate.setter
     def learning_rate(self, value: float) -> None:
@@ -453,36 +442,11 @@ class KerasLightningModule(LightningSideHelpers):
             return self._keras_steps.configure_optimizers(
                 arguments.optimizer, arguments.lr_scheduler
             )
-        model = self._require_model()
-        if arguments.optimizer is None:
-            raise ConfigurationError(
-                "KerasLightningModule(optimizer=...) is needed to train: pass a Keras "
-                "optimizer or its name (optimizer='adam'), a torch optimizer class "
-                "(optimizer=torch.optim.Adam), or compile() the Keras model first."
-            )
-        if not model.trainable_variables:
-            raise ConfigurationError(
-                "The Keras model has no trainable variables yet: it is not built. Give it an "
-                "keras.Input, call it once on a batch, or let the Trainer build it from the "
-                "first batch (pass the dataloaders to trainer.fit)."
-            )
         with self.keras_scope():  # Keras optimizer variables on this module's device
-            optimizer = resolve_optimizer(arguments.optimizer, model)
-        if self._lr_override is not None:
-            _start_at(optimizer, self._lr_override)
-        if arguments.lr_scheduler is None:
-            return optimizer
-        if isinstance(optimizer, KerasOptimizer) and optimizer.lr_is_schedule:
-            raise ConfigurationError(
-                "Both a Keras LearningRateSchedule (in the Keras optimizer) and `lr_scheduler` "
-                "were given; they would fight over the learning rate. Keep one: a Keras "
-                "optimizer with a float learning_rate plus lr_scheduler=..., or the Keras "
-                "schedule alone."
+            return configure_builtin(
+                arguments.optimizer, arguments.lr_scheduler, self._require_model(),
+                self._lr_override,
             )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": build_scheduler(arguments.lr_scheduler, optimizer),
-        }
 
     # ------------------------------------------------------------------ state and pickling
 
@@ -572,20 +536,6 @@ guard_hooks(KerasLightningModule)
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _start_at(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Start every param group at ``lr`` (``KerasOptimizer`` passes it to Keras at the step)."""
-    if isinstance(optimizer, KerasOptimizer) and optimizer.lr_is_schedule:
-        raise ConfigurationError(
-            f"learning_rate={lr} was set (by lr_find or by hand), but the Keras optimizer's "
-            "learning rate is a LearningRateSchedule, which sets it on every step. Give the "
-            "Keras optimizer a float learning_rate to tune it, or leave learning_rate unset."
-        )
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if isinstance(optimizer, KerasOptimizer):
-        optimizer.keras_optimizer.learning_rate = lr  # also before the first step
 
 
 def _overrides(module: KerasLightningModule, name: str) -> bool:

@@ -320,11 +320,6 @@ def resolve_optimizer(
     )
 
 
-def resolve_keras_optimizer_name(name: str, argument: str = "optimizer") -> Any:
-    """A fresh Keras optimizer for a name (``"adam"``); a clear error for an unknown one."""
-    return _keras_optimizer_from_name(name, argument)
-
-
 def _keras_optimizer_from_name(name: str, argument: str) -> Any:
     try:
         return keras.optimizers.get(name)
@@ -335,6 +330,74 @@ def _keras_optimizer_from_name(name: str, argument: str) -> Any:
             f"{', '.join(_KERAS_OPTIMIZER_NAMES)}. Or pass an optimizer object such as "
             "keras.optimizers.Adam(1e-3) or the class torch.optim.Adam."
         ) from None
+
+
+def configure_builtin(
+    spec: Any, lr_scheduler: Any, model: Any, lr_override: float | None = None
+) -> Any:
+    """What ``configure_optimizers`` returns for the built-in steps: the optimizer ``spec``
+    builds over ``model`` (started at ``lr_override`` when set), with its scheduler.
+
+    Raises:
+        ConfigurationError: No optimizer, an unbuilt model, or a Keras schedule together with
+            ``lr_scheduler``.
+
+    """
+    if spec is None:
+        raise ConfigurationError(
+            "KerasLightningModule(optimizer=...) is needed to train: pass a Keras "
+            "optimizer or its name (optimizer='adam'), a torch optimizer class "
+            "(optimizer=torch.optim.Adam), or compile() the Keras model first."
+        )
+    if not model.trainable_variables:
+        raise ConfigurationError(
+            "The Keras model has no trainable variables yet: it is not built. Give it an "
+            "keras.Input, call it once on a batch, or let the Trainer build it from the "
+            "first batch (pass the dataloaders to trainer.fit)."
+        )
+    optimizer = resolve_optimizer(spec, model)
+    if lr_override is not None:
+        _start_at(optimizer, lr_override)
+    if lr_scheduler is None:
+        return optimizer
+    if isinstance(optimizer, KerasOptimizer) and optimizer.lr_is_schedule:
+        raise ConfigurationError(
+            "Both a Keras LearningRateSchedule (in the Keras optimizer) and `lr_scheduler` "
+            "were given; they would fight over the learning rate. Keep one: a Keras "
+            "optimizer with a float learning_rate plus lr_scheduler=..., or the Keras "
+            "schedule alone."
+        )
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": build_scheduler(lr_scheduler, optimizer),
+    }
+
+
+def learning_rate_of(spec: Any) -> float | None:
+    """The learning rate an optimizer ``spec`` starts at (None: a schedule, or torch's own)."""
+    if isinstance(spec, str):
+        spec = _keras_optimizer_from_name(spec, "optimizer")
+    if isinstance(spec, KerasOptimizer):
+        spec = spec.keras_optimizer
+    if not isinstance(spec, keras.optimizers.Optimizer) or isinstance(
+        _private.learning_rate_spec(spec), keras.optimizers.schedules.LearningRateSchedule
+    ):
+        return None
+    return float(keras.ops.convert_to_numpy(spec.learning_rate))
+
+
+def _start_at(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Start every param group at ``lr`` (``KerasOptimizer`` passes it to Keras at the step)."""
+    if isinstance(optimizer, KerasOptimizer) and optimizer.lr_is_schedule:
+        raise ConfigurationError(
+            f"learning_rate={lr} was set (by lr_find or by hand), but the Keras optimizer's "
+            "learning rate is a LearningRateSchedule, which sets it on every step. Give the "
+            "Keras optimizer a float learning_rate to tune it, or leave learning_rate unset."
+        )
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if isinstance(optimizer, KerasOptimizer):
+        optimizer.keras_optimizer.learning_rate = lr  # also before the first step
 
 
 def check_optimizer_states(states: Sequence[Any], spec: Any) -> None:
