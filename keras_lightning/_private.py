@@ -51,6 +51,33 @@ def compile_config(model: Any) -> dict[str, Any]:
     return dict(config or {})
 
 
+def keras_mask_of(tensor: Any) -> Any:
+    """The Keras mask a layer attached to an output tensor (``Embedding(mask_zero=True)``)."""
+    from keras.src.backend import get_keras_mask
+
+    return get_keras_mask(tensor)
+
+
+def with_keras_mask(tensor: Any, mask: Any) -> Any:
+    """``tensor`` carrying ``mask`` as its Keras mask (a detached output keeps its mask)."""
+    if mask is not None:
+        from keras.src.backend import set_keras_mask
+
+        set_keras_mask(tensor, mask)
+    return tensor
+
+
+def symbolic_build(model: Any, data: Any) -> None:
+    """Build an unbuilt model from one batch as Keras' ``fit`` does, with symbolic tensors.
+
+    Keras' ``Trainer._symbolic_build`` traces the model (and its compiled loss and metrics)
+    on ``KerasTensor``s shaped like ``data``: the variables are created, no value is
+    computed, and no random state (``SeedGenerator``) advances. Raises what Keras raises
+    when the model cannot be traced.
+    """
+    model._symbolic_build(data_batch=data)
+
+
 # ---------------------------------------------------------------------- Keras backend
 
 

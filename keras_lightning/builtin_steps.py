@@ -15,6 +15,12 @@ from keras_lightning.compiled import CompiledStep, CompileStats
 from keras_lightning.data import align_targets, batch_size_of, output_structure, unpack_batch
 from keras_lightning.devices import place_variables
 from keras_lightning.epoch import EpochState
+from keras_lightning.keras_model import (
+    check_compute_loss_arguments,
+    model_compute_loss,
+    overrides_step,
+)
+from keras_lightning.lightning_side import LightningSideHelpers, running_stage
 from keras_lightning.metrics import bind_metrics
 from keras_lightning.objective import Objective
 
@@ -44,6 +50,8 @@ class Arguments:
     loss_weights: Any = None
     class_weight: Mapping[int, float] | None = None
     lr_scheduler: Any = None
+    #: The names of the arguments given to the module (the others may come from compile()).
+    given: frozenset[str] = frozenset()
 
 
 def step_loss_wanted(trainer: Any, batch_idx: int) -> bool:
@@ -99,13 +107,33 @@ class BuiltinSteps:
     # ------------------------------------------------------------ loss
 
     def compute_loss(
-        self, y_pred: Any, y: Any, sample_weight: Any = None
+        self,
+        y_pred: Any,
+        y: Any,
+        sample_weight: Any = None,
+        *,
+        x: Any = None,
+        training: bool | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The configured loss (order handled, ``model.losses`` added) and per-output losses."""
+        """The configured loss (order handled, ``model.losses`` added) and per-output losses.
+
+        A Keras model that overrides ``compute_loss`` defines its objective itself, as in
+        Keras' ``fit``: it is called ``compute_loss(x, y, y_pred, sample_weight, training)``
+        (Keras' loss-customization contract), and there are no per-output losses to log.
+        ``class_weight`` weighs training batches only (``training`` defaults to the running
+        stage).
+        """
         model = self.host._require_model()
+        if training is None:
+            training = running_stage(_private.attached_trainer(self.host)) == "train"
         objective = self._resolve_objective(y_pred, y)
+        if overrides_step(model, "compute_loss"):
+            weights = sample_weight
+            if objective.class_weight is not None and y is not None:
+                weights = objective.sample_weight(objective.targets(y)[0], sample_weight, training)
+            return model_compute_loss(model, x, y, y_pred, weights, training), {}
         _, outputs = output_structure(y_pred, model)
-        total, parts = objective(outputs, y, sample_weight, list(model.losses))
+        total, parts = objective(outputs, y, sample_weight, list(model.losses), training)
         assert objective.names is not None
         named = {
             f"{name}_loss": part
@@ -119,6 +147,7 @@ class BuiltinSteps:
             names, outputs = output_structure(y_pred, self.host._require_model())
             targets = align_targets(y, names) if y is not None else [None] * len(names)
             arguments = self.arguments
+            check_compute_loss_arguments(self.host._require_model(), arguments)
             objective = Objective(arguments.loss, arguments.loss_weights, arguments.class_weight)
             objective.resolve(names, targets, outputs)
             self.objective = objective
@@ -129,8 +158,14 @@ class BuiltinSteps:
     ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
         """The model output, the loss and per-output losses: the part ``jit_compile`` captures."""
         y_pred = self.host._require_model()(x, training=training)
-        # through the module, so that a subclass overriding compute_loss trains its objective
-        loss, output_losses = self.host.compute_loss(y_pred, y, sample_weight)
+        host_compute_loss = getattr(type(self.host), "compute_loss", None)
+        if host_compute_loss is not LightningSideHelpers.compute_loss:
+            # a module subclass overriding compute_loss(y_pred, y, sample_weight) trains its own
+            loss, output_losses = self.host.compute_loss(y_pred, y, sample_weight)
+        else:
+            loss, output_losses = self.compute_loss(
+                y_pred, y, sample_weight, x=x, training=training
+            )
         return y_pred, loss, output_losses
 
     def _step_function(self) -> Callable[..., Any]:
@@ -152,6 +187,7 @@ class BuiltinSteps:
             state.metrics = []
             return state
         names, outputs = output_structure(y_pred, self.host._require_model())
+        targets = self._metric_targets(y, names)
         arguments = self.arguments
         # Lightning evaluates under inference_mode (trainer.validate); the metrics' variables
         # made here must stay usable by a later fit, so they are made as normal tensors.
@@ -160,7 +196,7 @@ class BuiltinSteps:
                 arguments.metrics,
                 arguments.weighted_metrics,
                 names,
-                align_targets(y, names),
+                targets,
                 outputs,
                 copy=stage != "train",
             )
@@ -177,8 +213,10 @@ class BuiltinSteps:
     ) -> None:
         """Accumulate ``loss`` (a batch mean) and the stage's metrics for this batch.
 
-        ``class_weight`` is folded into the weights of ``weighted_metrics`` for a
-        single-output model, as Keras does; plain ``metrics`` never see weights.
+        ``class_weight`` is folded into the weights of ``weighted_metrics`` of training
+        batches for a single-output model, as Keras does; plain ``metrics`` never see
+        weights. Keras metrics see each output's Keras mask (``Embedding(mask_zero=True)``),
+        as in Keras' ``fit``.
         """
         state = self.stage_state(stage, y_pred, y)
         if loss is not None:
@@ -186,12 +224,23 @@ class BuiltinSteps:
         if not state.metrics or y is None:
             return
         names, outputs = output_structure(y_pred, self.host._require_model())
-        targets = align_targets(y, names)
+        targets = self._metric_targets(y, names)
         objective = self.objective
         if objective is not None and objective.resolved and len(names) == 1:
-            sample_weight = objective.sample_weight(targets[0], sample_weight)
+            sample_weight = objective.sample_weight(targets[0], sample_weight, stage == "train")
+        detached = [
+            _private.with_keras_mask(output.detach(), _private.keras_mask_of(output))
+            for output in outputs
+        ]
         with torch.no_grad(), self.host.keras_scope():
-            state.update_metrics([o.detach() for o in outputs], targets, sample_weight)
+            state.update_metrics(detached, targets, sample_weight)
+
+    def _metric_targets(self, y: Any, names: list[str]) -> list[Any]:
+        """``y`` ordered like the outputs, as the loss sees it (outputs without a loss: None)."""
+        objective = self.objective
+        if objective is not None and objective.resolved and objective.names == names:
+            return objective.targets(y)
+        return align_targets(y, names)
 
     # ------------------------------------------------------------ steps
 

@@ -39,6 +39,30 @@ def unpack_batch(batch: Any) -> tuple[Any, Any, Any]:
     return batch, None, None
 
 
+def private_copy(sample_weight: Any) -> Any:
+    """A copy of ``sample_weight`` for one consumer: Keras writes into the weights it gets.
+
+    Keras' losses and weighted metrics multiply a masked output's ``sample_weight`` in place
+    (``sample_weight *= mask`` on the torch backend), which would change the user's batch and,
+    through it, the next consumer's weights and the next epoch's (a loader that keeps its
+    tensors). Each loss and metric gets its own copy instead.
+
+    Example:
+        >>> import torch
+        >>> weights = torch.ones(2)
+        >>> private_copy(weights).mul_(3.0).tolist(), weights.tolist()
+        ([3.0, 3.0], [1.0, 1.0])
+
+    """
+    if isinstance(sample_weight, torch.Tensor):
+        return sample_weight.clone()
+    if isinstance(sample_weight, Mapping):
+        return {key: private_copy(value) for key, value in sample_weight.items()}
+    if isinstance(sample_weight, list | tuple):
+        return type(sample_weight)(private_copy(value) for value in sample_weight)
+    return sample_weight
+
+
 def batch_size_of(x: Any) -> int:
     """The number of samples in ``x`` (a tensor, or a list/dict of tensors)."""
     first = x
@@ -74,8 +98,26 @@ def output_structure(y_pred: Any, model: Any) -> tuple[list[str], list[Any]]:
     return (names[:1] if len(names) == 1 else ["output"]), [y_pred]
 
 
-def align_targets(y: Any, names: list[str], argument: str = "y") -> list[Any]:
-    """Order targets like the outputs ``names``: ``y`` is a tensor, a list or a dict."""
+def align_targets(
+    y: Any, names: list[str], argument: str = "y", expects: Sequence[bool] | None = None
+) -> list[Any]:
+    """Order targets like the outputs ``names``: ``y`` is a tensor, a list or a dict.
+
+    ``expects`` marks the outputs that take a target (those with a loss). As in Keras'
+    ``compile(loss=["mse", None])``, ``y`` may then hold just those targets, in output order;
+    the other outputs get ``None``.
+
+    Example:
+        >>> align_targets("t", ["logits", "hidden"], expects=[True, False])
+        ['t', None]
+
+    """
+    if expects is not None and len(names) > 1 and 0 < sum(expects) < len(names):
+        wanted = [name for name, want in zip(names, expects, strict=True) if want]
+        given = y if isinstance(y, list | tuple) else None if isinstance(y, Mapping) else [y]
+        if given is not None and len(given) == len(wanted):
+            targets = iter(given)
+            return [next(targets) if want else None for want in expects]
     if len(names) == 1:
         if isinstance(y, Mapping):
             if names[0] in y:

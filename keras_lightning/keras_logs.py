@@ -17,7 +17,6 @@ import keras
 import torch
 
 __all__ = [
-    "as_keras_data",
     "flatten_logs",
     "metric_results",
     "reset_metrics",
@@ -82,15 +81,6 @@ def scalar_logs(logs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[
             continue
         values[name] = tensor.detach().reshape(()).float()
     return values, skipped
-
-
-def as_keras_data(batch: Any) -> Any:
-    """The ``data`` argument Keras' ``fit`` would pass to ``train_step`` for this batch.
-
-    Keras' adapters hand ``train_step`` tuples; a DataLoader collates ``TensorDataset`` items into
-    lists, so lists become tuples. Anything else is passed as it is.
-    """
-    return tuple(batch) if isinstance(batch, list) else batch
 
 
 def snapshot_metrics(metrics: list[Any]) -> list[tuple[Any, torch.Tensor]]:

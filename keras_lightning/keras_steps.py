@@ -15,7 +15,6 @@ from keras_lightning import _private, collectives
 from keras_lightning.builtin_steps import step_loss_wanted
 from keras_lightning.exceptions import ConfigurationError
 from keras_lightning.keras_logs import (
-    as_keras_data,
     flatten_logs,
     metric_results,
     reset_metrics,
@@ -24,6 +23,7 @@ from keras_lightning.keras_logs import (
     snapshot_metrics,
     sum_metric_states,
 )
+from keras_lightning.keras_model import as_keras_data
 from keras_lightning.keras_optimizers import (
     CHECKPOINT_KEY,
     keras_optimizer_state,
@@ -31,7 +31,6 @@ from keras_lightning.keras_optimizers import (
     synchronized_keras_optimizers,
 )
 
-import functools
 import pickle
 import warnings
 from collections.abc import Mapping
@@ -42,39 +41,7 @@ import torch
 if TYPE_CHECKING:
     from keras_lightning.module import KerasLightningModule
 
-__all__ = ["KerasSteps", "check_picklable", "overrides_step"]
-
-_KERAS_BASE_MODULES = ("keras.", "keras_hub.", "keras_nlp.", "keras_cv.")
-
-
-def overrides_step(model: Any, name: str) -> bool:
-    """True when ``model``'s class defines ``name`` (``"train_step"``, ``"test_step"``) itself.
-
-    A method inherited from Keras' own classes (``keras.Model``, ``Sequential``, ...) does not
-    count; one defined in any user class does.
-
-    Example:
-        >>> import keras
-        >>> class MyModel(keras.Model):
-        ...     def train_step(self, data):
-        ...         return {}
-        >>> overrides_step(MyModel(), "train_step"), overrides_step(MyModel(), "test_step")
-        (True, False)
-        >>> overrides_step(keras.Sequential(), "train_step")
-        False
-
-    """
-    cls: Any = type(model)
-    return bool(_class_overrides(cls, name))
-
-
-@functools.lru_cache(maxsize=256)
-def _class_overrides(cls: Any, name: str) -> bool:
-    for klass in cls.__mro__:
-        if name in vars(klass):
-            return not klass.__module__.startswith(_KERAS_BASE_MODULES)
-    return False
-
+__all__ = ["KerasSteps", "check_picklable", "load_checkpoint"]
 
 def check_picklable(model: Any) -> None:
     """Refuse, clearly, a Keras ``train_step`` model that spawn-based strategies cannot pickle.

@@ -7,7 +7,7 @@ distributed runs, summed over every process), never as a mean of per-batch value
 from __future__ import annotations
 
 from keras_lightning import _private
-from keras_lightning.data import per_output
+from keras_lightning.data import per_output, private_copy
 from keras_lightning.exceptions import (
     ConfigurationError,
     KerasLightningTypeError,
@@ -28,7 +28,14 @@ import torchmetrics
 
 
 def _snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    """A torchmetrics class name as it is logged: acronyms stay whole.
+
+    Example:
+        >>> [_snake_case(n) for n in ("BinaryAUROC", "MulticlassF1Score", "MeanSquaredError")]
+        ['binary_auroc', 'multiclass_f1_score', 'mean_squared_error']
+
+    """
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 def check_metric_spec(spec: Any, argument: str) -> None:
@@ -102,7 +109,8 @@ class BoundMetric:
         if self.is_torchmetric:
             self.metric.update(y_pred, y_true)
         elif self.weighted and sample_weight is not None:
-            self.metric.update_state(y_true, y_pred, sample_weight=sample_weight)
+            weights = private_copy(sample_weight)  # Keras writes into masked outputs' weights
+            self.metric.update_state(y_true, y_pred, sample_weight=weights)
         else:
             self.metric.update_state(y_true, y_pred)
 

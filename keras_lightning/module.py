@@ -16,7 +16,8 @@ from keras_lightning.callbacks import check_trainer_callbacks
 from keras_lightning.compiled import CompileStats, resolve_compile
 from keras_lightning.data import first_batch, unpack_batch, validate_class_weight
 from keras_lightning.exceptions import KerasLightningTypeError
-from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkpoint, overrides_step
+from keras_lightning.keras_model import adopt_compile_config, as_keras_data, overrides_step
+from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkpoint
 from keras_lightning.lifecycle import RUNNING_HOOKS, guard_hooks
 from keras_lightning.lightning_side import LightningSideHelpers
 from keras_lightning.metrics import check_metric_spec
@@ -140,6 +141,17 @@ class KerasLightningModule(LightningSideHelpers):
             loss_weights=loss_weights,
             class_weight=validate_class_weight(class_weight),
             lr_scheduler=check_lr_scheduler(lr_scheduler),
+            given=frozenset(
+                name
+                for name, value in (
+                    ("optimizer", optimizer),
+                    ("loss", loss),
+                    ("metrics", metrics),
+                    ("weighted_metrics", weighted_metrics),
+                    ("loss_weights", loss_weights),
+                )
+                if value is not None
+            ),
         )
         validate_loss_spec(loss)
         check_metric_spec(metrics, "metrics")
@@ -164,22 +176,9 @@ class KerasLightningModule(LightningSideHelpers):
 
     def _adopt_compile_config(self, model: keras.Model) -> None:
         """Use what ``model.compile()`` was given for every argument left unset."""
-        if not getattr(model, "compiled", False):
-            return
-        config = _private.compile_config(model)
-        arguments = self._arguments
-        if arguments.optimizer is None and getattr(model, "optimizer", None) is not None:
-            arguments.optimizer = model.optimizer
-        if arguments.loss is None and config.get("loss") is not None:
-            arguments.loss = config["loss"]
-            if arguments.loss_weights is None:
-                arguments.loss_weights = config.get("loss_weights")
-        if arguments.metrics is None and arguments.weighted_metrics is None:
-            arguments.metrics = config.get("metrics")
-            arguments.weighted_metrics = config.get("weighted_metrics")
-            self.torchmetrics = torch.nn.ModuleList(
-                torchmetrics_in(arguments.metrics, arguments.weighted_metrics)
-            )
+        adopted_torchmetrics = adopt_compile_config(model, self._arguments)
+        if adopted_torchmetrics is not None:
+            self.torchmetrics = torch.nn.ModuleList(adopted_torchmetrics)
 
     def require_model(self) -> keras.Model:
         """Deprecated: ``module.model`` once built (``configure_model`` builds a factory's)."""
@@ -212,10 +211,21 @@ class KerasLightningModule(LightningSideHelpers):
             self._adopt_compile_config(model)
 
     def build_from_batch(self, batch: Any) -> None:
-        """Create the model's variables by running it once on ``batch``'s ``x``."""
-        x, _, _ = unpack_batch(batch)
+        """Create the model's variables from one batch, as Keras' ``fit`` does.
+
+        Keras traces the model on symbolic tensors shaped like the batch's ``x`` (its
+        compiled loss and metrics too): nothing is computed and no random state advances,
+        so the run that follows draws what Keras' ``fit`` draws. A model that cannot be traced
+        is called once on ``x`` instead, its ``SeedGenerator`` states put back afterwards.
+        """
+        model = self._require_model()
         with torch.no_grad(), self.keras_scope():
-            self._require_model()(x, training=False)
+            try:
+                _private.symbolic_build(model, as_keras_data(batch))
+            except Exception:  # noqa: BLE001 (Keras raises anything a model's call raises)
+                x, _, _ = unpack_batch(batch)
+                with replicas.seed_states_kept(model):
+                    model(x, training=False)
 
     @contextlib.contextmanager
     def keras_scope(self) -> Iterator[None]:

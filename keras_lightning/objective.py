@@ -9,6 +9,7 @@ from keras_lightning.data import (
     class_weight_tensor,
     class_weights_for,
     per_output,
+    private_copy,
 )
 from keras_lightning.exceptions import BatchError, ConfigurationError, ShapeMismatchError
 from keras_lightning.losses import LossAdapter, resolve_loss
@@ -53,7 +54,11 @@ class Objective:
 
     def resolve(self, names: list[str], y_true: list[Any], y_pred: list[Any]) -> None:
         """Bind the loss specs to the model's outputs."""
-        specs = per_output(self.loss_spec, names, "loss") if self.loss_spec is not None else []
+        specs = (
+            per_output(self.loss_spec, names, "loss")
+            if self.loss_spec is not None
+            else [None for _ in names]
+        )
         self.losses = [
             None if spec is None else resolve_loss(spec, y_true[i], y_pred[i])
             for i, spec in enumerate(specs)
@@ -71,9 +76,25 @@ class Objective:
             )
         self.names = names
 
-    def sample_weight(self, y_true: Any, sample_weight: Any) -> torch.Tensor | None:
-        """Fold ``class_weight`` into the per-sample weights."""
-        if self._class_table is None:
+    @property
+    def expects_targets(self) -> list[bool]:
+        """Which outputs take a target: those with a loss (Keras' ``loss=["mse", None]``)."""
+        return [loss is not None for loss in self.losses]
+
+    def targets(self, y: Any) -> list[Any]:
+        """``y`` ordered like the outputs (``None`` for outputs that take no target)."""
+        assert self.names is not None
+        if y is None:
+            return [None for _ in self.names]
+        return align_targets(y, self.names, expects=self.expects_targets)
+
+    def sample_weight(self, y_true: Any, sample_weight: Any, training: bool = True) -> Any:
+        """Fold ``class_weight`` into the per-sample weights of training batches.
+
+        As in Keras' ``fit``, class weights weigh the training data only: validation and
+        test losses (and weighted metrics) see the batch's own ``sample_weight``.
+        """
+        if self._class_table is None or not training:
             return sample_weight
         weights = class_weights_for(torch.as_tensor(y_true), self._class_table)
         if sample_weight is None:
@@ -89,10 +110,11 @@ class Objective:
         y: Any,
         sample_weight: Any,
         extra_losses: list[torch.Tensor],
+        training: bool = True,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Total loss and the loss of each output (``None`` where an output has no loss)."""
         assert self.names is not None
-        targets = align_targets(y, self.names) if y is not None else [None] * len(self.names)
+        targets = self.targets(y)
         total: torch.Tensor | None = None
         parts: list[torch.Tensor | None] = []
         for index, loss_fn in enumerate(self.losses):
@@ -106,7 +128,7 @@ class Objective:
                     "but the batch has no y. Yield (x, y) batches, or pass loss=None for a "
                     "model that only uses add_loss()."
                 )
-            weights = self.sample_weight(y_true, sample_weight)
+            weights = self.sample_weight(y_true, sample_weight, training)
             value = _call_loss(loss_fn, y_pred[index], y_true, weights, self.names[index])
             parts.append(value)
             weighted = value * self.weights[index] if self.weights[index] != 1.0 else value
@@ -135,7 +157,7 @@ def _call_loss(
         )
     _check_sample_weight(sample_weight, pred_shape, output)
     try:
-        return loss_fn(y_pred, y_true, sample_weight)
+        return loss_fn(y_pred, y_true, private_copy(sample_weight))
     except (ValueError, RuntimeError, IndexError) as error:
         hint = _diagnose(loss_fn.name, pred_shape, y_true)
         raise ShapeMismatchError(

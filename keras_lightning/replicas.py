@@ -25,7 +25,8 @@ from __future__ import annotations
 from keras_lightning import _private, collectives
 from keras_lightning._private import parameter_of
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "fork_torch_rng_for_this_rank",
     "offset_seed_states",
     "seed_state_variables",
+    "seed_states_kept",
     "start_of_training",
     "sync_checkpoint_state",
 ]
@@ -59,6 +61,17 @@ def seed_state_variables(model: Any) -> list[Any]:
             if state is not None:
                 found[id(state)] = state
     return list(found.values())
+
+
+@contextlib.contextmanager
+def seed_states_kept(model: Any) -> Iterator[None]:
+    """Run a block (a building call) without advancing the model's ``SeedGenerator`` states."""
+    states = [(v, v.value.detach().clone()) for v in seed_state_variables(model)]
+    try:
+        yield
+    finally:
+        for variable, value in states:
+            variable.assign(value)
 
 
 def averaged_variables(model: Any) -> list[Any]:

@@ -14,7 +14,7 @@ from keras_lightning.keras_optimizers import (
     keras_optimizers_of,
     load_keras_optimizer_state,
 )
-from keras_lightning.keras_steps import overrides_step
+from keras_lightning.keras_model import overrides_step
 
 import json
 import os

@@ -1,0 +1,178 @@
+"""What a Keras model brings with it, adopted as Keras' own ``fit()`` adopts it.
+
+The one place where the module reads a Keras model's training contract: which of ``fit``'s
+methods the model's class overrides (``train_step``, ``test_step``, ``compute_loss``), how its
+``compute_loss`` is called, the ``data`` Keras hands a ``train_step``, and the arguments its
+``compile()`` received (optimizer, loss, loss weights, metrics), which fill every argument the
+module was not given.
+"""
+
+from __future__ import annotations
+
+from keras_lightning import _private
+from keras_lightning.exceptions import ConfigurationError
+from keras_lightning.losses import KerasLoss, TorchLoss
+from keras_lightning.specs import torchmetrics_in
+
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torchmetrics
+
+if TYPE_CHECKING:
+    from keras_lightning.builtin_steps import Arguments
+
+__all__ = [
+    "adopt_compile_config",
+    "as_keras_data",
+    "check_compute_loss_arguments",
+    "model_compute_loss",
+    "overrides_step",
+]
+
+_KERAS_BASE_MODULES = ("keras.", "keras_hub.", "keras_nlp.", "keras_cv.")
+
+
+def overrides_step(model: Any, name: str) -> bool:
+    """True when ``model``'s class defines ``name`` (``"train_step"``, ``"compute_loss"``) itself.
+
+    A method inherited from Keras' own classes (``keras.Model``, ``Sequential``, keras_hub
+    tasks) does not count; one defined in any user class does.
+
+    Example:
+        >>> import keras
+        >>> class MyModel(keras.Model):
+        ...     def train_step(self, data):
+        ...         return {}
+        >>> overrides_step(MyModel(), "train_step"), overrides_step(MyModel(), "test_step")
+        (True, False)
+        >>> overrides_step(keras.Sequential(), "train_step")
+        False
+
+    """
+    cls: Any = type(model)
+    return bool(_class_overrides(cls, name))
+
+
+@functools.lru_cache(maxsize=256)
+def _class_overrides(cls: Any, name: str) -> bool:
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return not klass.__module__.startswith(_KERAS_BASE_MODULES)
+    return False
+
+
+def check_compute_loss_arguments(model: Any, arguments: Arguments) -> None:
+    """Refuse module arguments a model's own ``compute_loss`` would silently ignore.
+
+    Raises:
+        ConfigurationError: ``loss=`` or ``loss_weights=`` was given to the module for a
+            model whose class overrides ``compute_loss``.
+
+    """
+    given = [name for name in ("loss", "loss_weights") if name in arguments.given]
+    if given and overrides_step(model, "compute_loss"):
+        raise ConfigurationError(
+            f"KerasLightningModule({given[0]}=...) is not used: the Keras model "
+            f"{type(model).__name__} overrides compute_loss, which defines the training "
+            "objective, as in Keras' fit(). Drop `" + given[0] + "=` from the module; a "
+            "compute_loss that calls super().compute_loss(...) uses what model.compile("
+            f"{given[0]}=...) was given."
+        )
+
+
+def model_compute_loss(
+    model: Any, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool
+) -> torch.Tensor:
+    """Call the model's own ``compute_loss`` as Keras' ``train_step`` / ``test_step`` do.
+
+    Keras calls ``compute_loss(x, y, y_pred, sample_weight, training=...)``, leaving out
+    ``training`` for an override written before Keras 3.3 that does not take it.
+    """
+    if _takes_training(type(model)):
+        loss = model.compute_loss(x, y, y_pred, sample_weight, training=training)
+    else:
+        loss = model.compute_loss(x, y, y_pred, sample_weight)
+    if loss is None:
+        raise ConfigurationError(
+            f"{type(model).__name__}.compute_loss(x, y, y_pred, sample_weight) returned None, "
+            "so there is no loss to minimize. Return the scalar loss tensor."
+        )
+    return loss
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_training(cls: Any) -> bool:
+    try:
+        parameters = inspect.signature(cls.compute_loss).parameters
+    except (TypeError, ValueError):
+        return True
+    return "training" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+def as_keras_data(batch: Any) -> Any:
+    """The ``data`` Keras' ``fit`` would pass to ``train_step`` / ``test_step`` for this batch.
+
+    A DataLoader collates ``TensorDataset`` items into lists, where Keras' adapters give
+    tuples: lists become tuples. A batch of one element is that element, as ``fit(x)``
+    hands ``train_step`` its ``x`` unwrapped (Keras packs a lone ``x`` without a tuple).
+    Anything else (a tensor, a dict) is passed as it is.
+
+    Example:
+        >>> as_keras_data(["x"]), as_keras_data(["x", "y"]), as_keras_data({"a": 1})
+        ('x', ('x', 'y'), {'a': 1})
+
+    """
+    if isinstance(batch, list | tuple):
+        return batch[0] if len(batch) == 1 else tuple(batch)
+    return batch
+
+
+def adopt_compile_config(model: Any, arguments: Arguments) -> list[torchmetrics.Metric] | None:
+    """Fill the arguments the module was not given from ``model.compile()``'s.
+
+    A plain function given to ``compile(loss=...)`` is a Keras loss (Keras calls it
+    ``fn(y_true, y_pred)``), so it is adopted marked as one; a plain callable passed to the
+    module itself is still refused as ambiguous.
+
+    Returns:
+        The torchmetrics among adopted metrics (to register), or ``None`` when the metrics
+        were not adopted.
+
+    """
+    if not getattr(model, "compiled", False):
+        return None
+    config = _private.compile_config(model)
+    if arguments.optimizer is None and getattr(model, "optimizer", None) is not None:
+        arguments.optimizer = model.optimizer
+    if arguments.loss is None and config.get("loss") is not None:
+        arguments.loss = _as_keras_losses(config["loss"])
+        if arguments.loss_weights is None:
+            arguments.loss_weights = config.get("loss_weights")
+    if arguments.metrics is not None or arguments.weighted_metrics is not None:
+        return None
+    arguments.metrics = config.get("metrics")
+    arguments.weighted_metrics = config.get("weighted_metrics")
+    return torchmetrics_in(arguments.metrics, arguments.weighted_metrics)
+
+
+def _as_keras_losses(spec: Any) -> Any:
+    """``compile(loss=...)``'s plain callables marked as Keras losses; the rest unchanged."""
+    if isinstance(spec, Mapping):
+        return {key: _as_keras_losses(value) for key, value in spec.items()}
+    if isinstance(spec, list | tuple):
+        return type(spec)(_as_keras_losses(value) for value in spec)
+    if spec is None or isinstance(spec, str | KerasLoss | TorchLoss | type):
+        return spec
+    if isinstance(spec, torch.nn.Module) or not callable(spec):
+        return spec
+    import keras
+
+    if isinstance(spec, keras.losses.Loss):
+        return spec
+    return KerasLoss(spec)
