@@ -140,16 +140,16 @@ class BuiltinSteps:
             for name, part in zip(objective.names, parts, strict=True)
             if part is not None
         }
-        return total, (named if len(objective.names) > 1 else {})
+        # per-output losses are logged when there are several, as Keras' compile loss does
+        return total, (named if len(named) > 1 else {})
 
     def _resolve_objective(self, y_pred: Any, y: Any) -> Objective:
         if self.objective is None or not self.objective.resolved:
             names, outputs = output_structure(y_pred, self.host._require_model())
-            targets = align_targets(y, names) if y is not None else [None] * len(names)
             arguments = self.arguments
             check_compute_loss_arguments(self.host._require_model(), arguments)
             objective = Objective(arguments.loss, arguments.loss_weights, arguments.class_weight)
-            objective.resolve(names, targets, outputs)
+            objective.resolve(names, y, outputs)
             self.objective = objective
         return self.objective
 

@@ -52,13 +52,17 @@ class Objective:
         """True once the first batch fixed the output names and losses."""
         return self.names is not None
 
-    def resolve(self, names: list[str], y_true: list[Any], y_pred: list[Any]) -> None:
-        """Bind the loss specs to the model's outputs."""
+    def resolve(self, names: list[str], y: Any, y_pred: list[Any]) -> None:
+        """Bind the loss specs to the model's outputs (``y``: the first batch's targets)."""
         specs = (
             per_output(self.loss_spec, names, "loss")
             if self.loss_spec is not None
             else [None for _ in names]
         )
+        if y is None:
+            y_true: list[Any] = [None for _ in names]
+        else:
+            y_true = align_targets(y, names, expects=[spec is not None for spec in specs])
         self.losses = [
             None if spec is None else resolve_loss(spec, y_true[i], y_pred[i])
             for i, spec in enumerate(specs)
@@ -204,6 +208,12 @@ def _diagnose(loss_name: str, pred_shape: tuple[int, ...], y_true: Any) -> str:
     labels_shape = len(true_shape) + 1 == len(pred_shape) or (
         len(true_shape) == len(pred_shape) and true_shape[-1:] == (1,) != pred_shape[-1:]
     )
+    if classes == 1 and len(true_shape) + 1 == len(pred_shape):
+        return (
+            f" The output has one column (shape {pred_shape}) and y has shape {true_shape}: a "
+            f"binary or regression loss compares them element by element, so yield y of shape "
+            f"{true_shape + (1,)} (y[:, None], as floats for a torch loss)."
+        )
     if labels_shape and classes and _integer_valued(y_true):
         labels = torch.as_tensor(y_true)
         low, high = int(labels.min()), int(labels.max())
