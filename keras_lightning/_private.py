@@ -34,6 +34,22 @@ def parameter_of(variable: Any) -> torch.Tensor:
     return value if value is not None else variable.value
 
 
+def track_variables(model: Any) -> bool:
+    """Register every Keras variable of ``model`` as a torch parameter; True if some were not.
+
+    Keras' torch backend registers a layer's variables (``_torch_params``) when it is built;
+    a model that gains variables afterwards (a keras_hub task assembled around a built
+    backbone, ``enable_lora``) keeps the stale registration, so ``model.parameters()`` and
+    ``state_dict()`` miss them (a keras_hub ``BertTextClassifier``: 0 parameters for 41
+    variables). Re-registering keeps the same Parameter objects.
+    """
+    registered = {id(p) for p in model.parameters()}
+    if all(id(parameter_of(v)) in registered for v in model.variables):
+        return False
+    model._track_variables()
+    return True
+
+
 def flatten_layers(model: Any) -> list[Any]:
     """The model and every layer inside it, nested ones included."""
     flatten = getattr(model, "_flatten_layers", None)
@@ -73,9 +89,23 @@ def symbolic_build(model: Any, data: Any) -> None:
     Keras' ``Trainer._symbolic_build`` traces the model (and its compiled loss and metrics)
     on ``KerasTensor``s shaped like ``data``: the variables are created, no value is
     computed, and no random state (``SeedGenerator``) advances. Raises what Keras raises
-    when the model cannot be traced.
+    when the model cannot be traced. An uncompiled model (the module holds its loss and
+    metrics) is traced the same way, without the compiled parts.
     """
-    model._symbolic_build(data_batch=data)
+    if getattr(model, "compiled", False):
+        model._symbolic_build(data_batch=data)
+        return
+    from keras.src import backend, tree
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    def symbolic(value: Any) -> Any:
+        if value is None:
+            return None
+        return backend.KerasTensor(value.shape, backend.standardize_dtype(value.dtype))
+
+    x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(tree.map_structure(symbolic, data))
+    backend.compute_output_spec(model, x, training=False)
+    model._post_build()  # the torch backend registers the new variables as parameters
 
 
 # ---------------------------------------------------------------------- Keras backend

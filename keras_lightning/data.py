@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from keras_lightning import _private
 from keras_lightning.exceptions import BatchError, ConfigurationError, ShapeMismatchError
 
 from collections.abc import Mapping, Sequence
@@ -61,6 +62,21 @@ def private_copy(sample_weight: Any) -> Any:
     if isinstance(sample_weight, list | tuple):
         return type(sample_weight)(private_copy(value) for value in sample_weight)
     return sample_weight
+
+
+def weights_for_output(sample_weight: Any, output: Any) -> Any:
+    """The ``sample_weight`` one loss or metric of ``output`` receives: a private copy.
+
+    For an output with a Keras mask of more dimensions than the weights (per-sequence weights,
+    a ``(batch, steps)`` mask), the weights are spread over the mask's steps: what Keras'
+    ``apply_mask`` means, which its in-place multiply cannot broadcast on the torch backend.
+    """
+    weights = private_copy(sample_weight)
+    mask = _private.keras_mask_of(output) if isinstance(output, torch.Tensor) else None
+    if mask is None or not isinstance(weights, torch.Tensor) or not 0 < weights.ndim < mask.ndim:
+        return weights
+    shape = tuple(weights.shape) + (1,) * (mask.ndim - weights.ndim)
+    return weights.reshape(shape).expand(tuple(mask.shape)).contiguous()
 
 
 def batch_size_of(x: Any) -> int:

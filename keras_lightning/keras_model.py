@@ -92,7 +92,8 @@ def model_compute_loss(
     Keras calls ``compute_loss(x, y, y_pred, sample_weight, training=...)``, leaving out
     ``training`` for an override written before Keras 3.3 that does not take it.
     """
-    if _takes_training(type(model)):
+    cls: Any = type(model)
+    if _takes_training(cls):
         loss = model.compute_loss(x, y, y_pred, sample_weight, training=training)
     else:
         loss = model.compute_loss(x, y, y_pred, sample_weight)

@@ -7,7 +7,7 @@ distributed runs, summed over every process), never as a mean of per-batch value
 from __future__ import annotations
 
 from keras_lightning import _private
-from keras_lightning.data import per_output, private_copy
+from keras_lightning.data import per_output, weights_for_output
 from keras_lightning.exceptions import (
     ConfigurationError,
     KerasLightningTypeError,
@@ -109,7 +109,7 @@ class BoundMetric:
         if self.is_torchmetric:
             self.metric.update(y_pred, y_true)
         elif self.weighted and sample_weight is not None:
-            weights = private_copy(sample_weight)  # Keras writes into masked outputs' weights
+            weights = weights_for_output(sample_weight, y_pred)  # Keras writes into them
             self.metric.update_state(y_true, y_pred, sample_weight=weights)
         else:
             self.metric.update_state(y_true, y_pred)

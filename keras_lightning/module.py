@@ -317,6 +317,7 @@ class KerasLightningModule(LightningSideHelpers):
             batch = _peek_first_batch(_private.attached_trainer(self))
             if batch is not None:
                 self.build_from_batch(batch)
+        _private.track_variables(self.model)  # every variable a parameter Lightning sees
         trainer = _private.attached_trainer(self)
         if trainer is not None:  # before Lightning converts the module (precision.py)
             precision.check_precision(trainer.precision, self.model)

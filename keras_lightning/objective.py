@@ -9,7 +9,7 @@ from keras_lightning.data import (
     class_weight_tensor,
     class_weights_for,
     per_output,
-    private_copy,
+    weights_for_output,
 )
 from keras_lightning.exceptions import BatchError, ConfigurationError, ShapeMismatchError
 from keras_lightning.losses import LossAdapter, resolve_loss
@@ -161,7 +161,7 @@ def _call_loss(
         )
     _check_sample_weight(sample_weight, pred_shape, output)
     try:
-        return loss_fn(y_pred, y_true, private_copy(sample_weight))
+        return loss_fn(y_pred, y_true, weights_for_output(sample_weight, y_pred))
     except (ValueError, RuntimeError, IndexError) as error:
         hint = _diagnose(loss_fn.name, pred_shape, y_true)
         raise ShapeMismatchError(

@@ -500,3 +500,20 @@ def test_torchmetrics_are_logged_under_their_class_name_in_snake_case():
     for name, value in expected.items():
         assert name in logged, sorted(logged)
         np.testing.assert_allclose(logged[name][-1], float(value), rtol=1e-5)
+
+
+def test_per_sequence_weights_on_a_masked_output_weigh_each_step_of_the_sequence():
+    # Keras' fit on torch fails here (its in-place `sample_weight *= mask` cannot broadcast a
+    # (batch, 1) weight to the mask); what it means is each sequence's weight on its steps,
+    # which Keras' fit computes from per-step weights.
+    x, y, per_step = _sequences(64, seed=6)
+    per_sequence = per_step[:, 0].copy()
+    reference, history = keras_fit(
+        _masked_tagger, x, y, sample_weight=np.repeat(per_sequence[:, None], 6, axis=1),
+        batch_size=16, epochs=2,
+    )
+    model, logged, _ = lightning_fit(
+        _masked_tagger, loader(x, y, per_sequence, batch_size=16), epochs=2
+    )
+    assert_same_history(history, logged)
+    assert_same_weights(reference, model)

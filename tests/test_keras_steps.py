@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import keras_lightning as kl  # (first: selects Keras' torch backend)
 from keras_lightning.keras_logs import scalar_logs
+from keras_lightning.keras_model import overrides_step
 from keras_lightning.keras_optimizers import (
     CHECKPOINT_KEY,
     keras_optimizer_state,
     keras_optimizers_of,
     load_keras_optimizer_state,
 )
-from keras_lightning.keras_model import overrides_step
 
 import json
 import os

@@ -176,6 +176,52 @@ def test_compile_config_holds_the_compile_arguments():
     assert config["loss_weights"] == [2.0]
 
 
+def test_track_variables_registers_variables_added_after_the_build():
+    model = mlp(hidden=3)
+    assert _private.track_variables(model) is False  # all registered already
+    model.layers[0].enable_lora(2)  # new variables after the build
+    names = {name for name, _ in model.named_parameters()}
+    assert not any("lora" in name for name in names)
+    assert _private.track_variables(model) is True
+    params = {id(p) for p in model.parameters()}
+    assert all(id(_private.parameter_of(v)) in params for v in model.variables)
+    assert any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_keras_mask_of_and_with_keras_mask_carry_an_embedding_mask():
+    embedding = keras.layers.Embedding(5, 2, mask_zero=True)
+    output = embedding(torch.tensor([[1, 0, 3]]))
+    mask = _private.keras_mask_of(output)
+    assert mask.tolist() == [[True, False, True]]
+    assert _private.keras_mask_of(output.detach()) is None  # detaching drops it
+    assert _private.keras_mask_of(_private.with_keras_mask(output.detach(), mask)) is mask
+    plain = torch.ones(1)
+    assert _private.with_keras_mask(plain, None) is plain
+
+
+def test_symbolic_build_creates_variables_without_moving_random_state():
+    class Noisy(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+            self.seed = keras.random.SeedGenerator(3)
+
+        def call(self, x):
+            return self.dense(x + keras.random.normal(keras.ops.shape(x), seed=self.seed))
+
+    for compiled in (False, True):
+        model = Noisy()
+        if compiled:
+            model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+        before = model.seed.state.value.tolist()
+        _private.symbolic_build(model, (torch.ones(4, 3), torch.ones(4, 2)))
+        assert [tuple(v.shape) for v in model.dense.weights] == [(3, 2), (2,)]
+        assert len(list(model.parameters())) == len(model.variables)  # torch sees them
+        assert model.seed.state.value.tolist() == before
+        model(torch.ones(4, 3))  # an eager call draws
+        assert model.seed.state.value.tolist() != before
+
+
 def test_keras_default_device_name_is_where_keras_puts_tensors():
     assert torch.device(_private.keras_default_device_name()).type == keras.ops.ones(1).device.type
 
