@@ -50,6 +50,20 @@ def track_variables(model: Any) -> bool:
     return True
 
 
+def keras_fit_trackers(model: Any) -> list[Any]:
+    """The metrics ``compile()`` made for Keras' own ``fit``, which the module never updates.
+
+    Its loss tracker, the ``CompileMetrics`` container and the per-output loss means of the
+    compiled loss: the module computes those values itself, from its own metric objects.
+    """
+    candidates = (getattr(model, "_loss_tracker", None), getattr(model, "_compile_metrics", None))
+    found = [metric for metric in candidates if metric is not None]
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is not None:
+        found.extend(compile_loss.metrics)
+    return found
+
+
 def flatten_layers(model: Any) -> list[Any]:
     """The model and every layer inside it, nested ones included."""
     flatten = getattr(model, "_flatten_layers", None)

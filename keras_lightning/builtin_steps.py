@@ -15,10 +15,19 @@ from keras_lightning.compiled import CompiledStep, CompileStats
 from keras_lightning.data import align_targets, batch_size_of, output_structure, unpack_batch
 from keras_lightning.devices import place_variables
 from keras_lightning.epoch import EpochState
+from keras_lightning.keras_logs import (
+    metric_results,
+    reset_metrics,
+    restore_metrics,
+    scalar_logs,
+    snapshot_metrics,
+    sum_metric_states,
+)
 from keras_lightning.keras_model import (
     check_compute_loss_arguments,
     model_compute_loss,
     overrides_step,
+    own_metrics,
 )
 from keras_lightning.lightning_side import LightningSideHelpers, running_stage
 from keras_lightning.metrics import bind_metrics
@@ -98,6 +107,7 @@ class BuiltinSteps:
         self.compiled_step: CompiledStep | None = None
         self.objective: Objective | None = None
         self.stages = {stage: EpochState(prefix) for stage, prefix in STAGE_PREFIX.items()}
+        self._own_snapshot: list[tuple[Any, torch.Tensor]] | None = None
 
     @property
     def compile_stats(self) -> CompileStats | None:
@@ -271,18 +281,47 @@ class BuiltinSteps:
     # ------------------------------------------------------------ epochs
 
     def epoch_start(self, stage: str) -> None:
-        """Start the stage's epoch: loss sums and metric state reset."""
+        """Start the stage's epoch: loss sums and metric state reset.
+
+        The model's own metrics (:func:`~keras_lightning.keras_model.own_metrics`) are reset
+        too, as Keras' ``fit`` / ``evaluate`` reset ``model.metrics``; a validation inside
+        ``fit`` keeps the training epoch's running values, restored at its end.
+        """
+        model = self.host._require_model()
         with self.host.keras_scope():  # Keras metric resets create tensors
             self.stages[stage].reset()
+            own = own_metrics(model)
+            if own:
+                if stage == "val" and _private.fitting(_private.attached_trainer(self.host)):
+                    self._own_snapshot = snapshot_metrics(own)
+                reset_metrics(model)
 
     def epoch_end(self, stage: str) -> None:
-        """Log the epoch's values, reduced over every process: means and metric results."""
-        with self.host.keras_scope():  # Keras metric results are computed with Keras ops
-            values = self.stages[stage].compute(collectives.is_distributed())
+        """Log the epoch's values, reduced over every process: means and metric results.
+
+        The model's own metrics are logged under their names, as Keras' History holds them
+        (one of the same name as a value of the module's, a ``loss`` tracker, wins, as in
+        Keras' logs).
+        """
+        model = self.host._require_model()
         prefix = STAGE_PREFIX[stage]
+        distributed = collectives.is_distributed()
+        with self.host.keras_scope():  # Keras metric results are computed with Keras ops
+            values = self.stages[stage].compute(distributed)
+            own = own_metrics(model)
+            if own:
+                if distributed:
+                    sum_metric_states(own)
+                logs, _ = scalar_logs(metric_results(own))
+                values.update({prefix + name: value for name, value in logs.items()})
         for name, value in values.items():
             bar = name == f"{prefix}loss"
+            value = value.to(self.host.device)
             self.host.log(name, value, prog_bar=bar, on_epoch=True, on_step=False)
+        if stage == "val" and self._own_snapshot is not None:
+            with self.host.keras_scope():
+                restore_metrics(own, self._own_snapshot)
+            self._own_snapshot = None
 
     def train_batch_start(self) -> None:
         """Nothing to do before a built-in training step."""

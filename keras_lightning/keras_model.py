@@ -31,16 +31,21 @@ __all__ = [
     "check_compute_loss_arguments",
     "model_compute_loss",
     "overrides_step",
+    "own_metrics",
 ]
 
-_KERAS_BASE_MODULES = ("keras.", "keras_hub.", "keras_nlp.", "keras_cv.")
+#: Where Keras defines the default ``train_step``, ``compute_loss``, ``predict_step``...: a
+#: method defined anywhere else (a user class, ``keras.distillation.Distiller``, a keras_hub
+#: task such as ``RetinaNetObjectDetector``) is the model's own, which Keras' ``fit`` calls.
+_KERAS_BASE_MODULES = ("keras.src.trainers.", "keras.src.backend.", "keras.src.models.")
 
 
 def overrides_step(model: Any, name: str) -> bool:
     """True when ``model``'s class defines ``name`` (``"train_step"``, ``"compute_loss"``) itself.
 
-    A method inherited from Keras' own classes (``keras.Model``, ``Sequential``, keras_hub
-    tasks) does not count; one defined in any user class does.
+    A method inherited from Keras' base classes (``keras.Model``, ``Sequential``,
+    ``Functional``) does not count; one defined in any other class does, as Keras' ``fit``
+    calls it: a user's, ``keras.distillation.Distiller``'s, a keras_hub task's.
 
     Example:
         >>> import keras
@@ -82,6 +87,17 @@ def check_compute_loss_arguments(model: Any, arguments: Arguments) -> None:
             "compute_loss that calls super().compute_loss(...) uses what model.compile("
             f"{given[0]}=...) was given."
         )
+
+
+def own_metrics(model: Any) -> list[Any]:
+    """The Keras metrics the model updates itself, which Keras' ``fit`` logs: ``model.metrics``
+    without the trackers ``compile()`` made for Keras' own loop.
+
+    A tracker set as an attribute and updated in ``compute_loss`` or ``call``, or what a
+    ``metrics`` property override lists (Keras' ``compute_loss`` example).
+    """
+    skip = {id(metric) for metric in _private.keras_fit_trackers(model)}
+    return [metric for metric in model.metrics if id(metric) not in skip]
 
 
 def model_compute_loss(

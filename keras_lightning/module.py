@@ -298,9 +298,13 @@ class KerasLightningModule(LightningSideHelpers):
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
-        x, _, _ = unpack_batch(batch)
+        """The model output (``training=False``), or what its own ``predict_step`` returns."""
+        model = self._require_model()
         with self.keras_scope():
-            return self._require_model()(x, training=False)
+            if overrides_step(model, "predict_step"):
+                return model.predict_step(as_keras_data(batch))
+            x, _, _ = unpack_batch(batch)
+            return model(x, training=False)
 
     # ------------------------------------------------------------------ hooks
     # Each hook below is for users; its library part is the `_library_<hook>` method after it,

@@ -517,3 +517,137 @@ def test_per_sequence_weights_on_a_masked_output_weigh_each_step_of_the_sequence
     )
     assert_same_history(history, logged)
     assert_same_weights(reference, model)
+
+
+# ---------------------------------------------------------------------- the model's own metrics
+
+
+class TrackedRegressor(keras.Model):
+    """Keras' compute_loss docstring example: a loss tracker, its own `metrics` list."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    def compute_loss(self, x, y, y_pred, sample_weight, training=True):
+        loss = ops.mean((y_pred - y) ** 2)
+        self.loss_tracker.update_state(loss)
+        return loss
+
+    def reset_metrics(self):
+        self.loss_tracker.reset_state()
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+
+class PenaltyTracker(keras.Model):
+    """A tracker attribute, updated in compute_loss, next to the compiled metrics."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.penalty_tracker = keras.metrics.Mean(name="penalty")
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        penalty = 0.1 * ops.mean(ops.abs(y_pred))
+        self.penalty_tracker.update_state(penalty)
+        return super().compute_loss(x, y, y_pred, sample_weight, training) + penalty
+
+
+def _functional(cls) -> keras.Model:
+    keras.utils.set_random_seed(13)
+    inputs = keras.Input((4,))
+    model = cls(inputs, keras.layers.Dense(1)(keras.layers.Dense(8, activation="relu")(inputs)))
+    model.compile(keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    return model
+
+
+@pytest.mark.parametrize("cls", [TrackedRegressor, PenaltyTracker])
+def test_the_models_own_metrics_are_logged_as_in_keras_fit(cls):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(80, 4)).astype("float32")
+    y = (x @ np.array([1.0, -1.0, 2.0, 0.5], dtype="float32"))[:, None]
+    xv, yv = x[:40], y[:40]
+    make = lambda: _functional(cls)  # noqa: E731
+    reference, history = keras_fit(
+        make, x, y, batch_size=16, epochs=2, validation_data=(xv, yv)
+    )
+    model, logged, _ = lightning_fit(
+        make, loader(x, y, batch_size=16), loader(xv, yv, batch_size=16), epochs=2
+    )
+    if cls is PenaltyTracker:
+        assert {"penalty", "val_penalty", "mae", "val_mae"} <= set(history)
+    assert_same_history(history, logged)
+    assert_same_weights(reference, model)
+
+
+@pytest.mark.skipif(not hasattr(keras, "distillation"), reason="keras.distillation: Keras 3.14+")
+def test_keras_distillation_distiller_trains_as_under_keras_fit(digits):
+    def make():
+        distiller = keras.distillation.Distiller(
+            teacher=_mlp(32, 2), student=_mlp(16, 1),
+            distillation_losses=keras.distillation.LogitsDistillation(temperature=3.0),
+            student_loss_weight=0.3,
+        )
+        distiller.compile(
+            optimizer=keras.optimizers.Adam(1e-2),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["sparse_categorical_accuracy"],
+        )
+        return distiller
+
+    x, y = digits["x_train"][:320], digits["y_train"][:320]
+    xv, yv = digits["x_val"][:160], digits["y_val"][:160]
+    reference, history = keras_fit(make, x, y, batch_size=32, epochs=2, validation_data=(xv, yv))
+    model, logged, _ = lightning_fit(
+        make, loader(x, y, batch_size=32), loader(xv, yv, batch_size=32), epochs=2
+    )
+    assert {"loss", "sparse_categorical_accuracy", "val_loss"} <= set(history)
+    assert_same_history(history, logged)
+    assert_same_weights(reference.student, model.student)
+
+
+# ---------------------------------------------------------------------- predict, continued fit
+
+
+class ArgmaxClassifier(keras.Model):
+    """A model whose predict_step post-processes, which Keras' predict() calls."""
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return ops.argmax(self(x, training=False), axis=-1)
+
+
+def test_trainer_predict_returns_what_keras_predict_returns_for_a_predict_step_override(digits):
+    keras.utils.set_random_seed(14)
+    inputs = keras.Input((64,))
+    model = ArgmaxClassifier(inputs, keras.layers.Dense(10)(inputs))
+    x = digits["x_val"][:96]
+    expected = model.predict(x, batch_size=32, verbose=0)
+    module = kl.KerasLightningModule(model, loss="mse", optimizer="sgd")
+    batches_out = make_trainer().predict(module, loader(x, batch_size=32))
+    got = np.concatenate([keras.ops.convert_to_numpy(b) for b in batches_out])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_training_goes_on_from_a_keras_fit_as_a_longer_keras_fit_would(digits):
+    x, y = digits["x_train"][:256], digits["y_train"][:256]
+
+    def make():
+        model = _mlp(16, 15)
+        model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy",
+                      metrics=["sparse_categorical_accuracy"])
+        return model
+
+    reference, history = keras_fit(make, x, y, batch_size=32, epochs=3)
+
+    def fitted_once():
+        model = make()
+        model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+        return model  # its Adam holds the moments and iterations of the first epoch
+
+    model, logged, _ = lightning_fit(fitted_once, loader(x, y, batch_size=32), epochs=2)
+    assert_same_history({k: v[1:] for k, v in history.items()}, logged)
+    assert_same_weights(reference, model)
+    assert int(model.optimizer.iterations) == int(reference.optimizer.iterations)
