@@ -12,7 +12,13 @@ from __future__ import annotations
 
 from keras_lightning import _private, collectives
 from keras_lightning.compiled import CompiledStep, CompileStats
-from keras_lightning.data import align_targets, batch_size_of, output_structure, unpack_batch
+from keras_lightning.data import (
+    align_targets,
+    batch_size_of,
+    output_structure,
+    unpack_batch,
+    weights_per_output,
+)
 from keras_lightning.devices import place_variables
 from keras_lightning.epoch import EpochState
 from keras_lightning.keras_logs import (
@@ -210,12 +216,16 @@ class BuiltinSteps:
                 outputs,
                 copy=stage != "train",
             )
-        device = self.host.device
-        for metric in state.metrics:
-            if metric.is_torchmetric:
-                metric.metric.to(device)
-            else:  # a Keras metric object may have been built on Keras' default device
-                place_variables(metric.metric.variables, device)
+            device = self.host.device
+            for metric in state.metrics:
+                if metric.is_torchmetric:
+                    metric.metric.to(device)
+                else:  # a Keras metric object may have been built on Keras' default device
+                    place_variables(metric.metric.variables, device)
+                # bound after this epoch's reset ran: a metric object that saw data before (an
+                # evaluate() of the user's) starts the epoch empty, as fit() resets it
+                with self.host.keras_scope():
+                    metric.reset()
         return state
 
     def update_metrics(
@@ -235,15 +245,16 @@ class BuiltinSteps:
             return
         names, outputs = output_structure(y_pred, self.host._require_model())
         targets = self._metric_targets(y, names)
+        weights = weights_per_output(sample_weight, names)
         objective = self.objective
         if objective is not None and objective.resolved and len(names) == 1:
-            sample_weight = objective.sample_weight(targets[0], sample_weight, stage == "train")
+            weights = [objective.sample_weight(targets[0], weights[0], stage == "train")]
         detached = [
             _private.with_keras_mask(output.detach(), _private.keras_mask_of(output))
             for output in outputs
         ]
         with torch.no_grad(), self.host.keras_scope():
-            state.update_metrics(detached, targets, sample_weight)
+            state.update_metrics(detached, targets, weights)
 
     def _metric_targets(self, y: Any, names: list[str]) -> list[Any]:
         """``y`` ordered like the outputs, as the loss sees it (outputs without a loss: None)."""

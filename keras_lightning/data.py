@@ -64,6 +64,43 @@ def private_copy(sample_weight: Any) -> Any:
     return sample_weight
 
 
+def weights_per_output(sample_weight: Any, names: list[str]) -> list[Any]:
+    """``sample_weight`` spread over the outputs ``names``, as Keras' compiled loss does.
+
+    One tensor weighs every output; a list (in output order) or a dict keyed by output name
+    gives each output its own (an output a dict leaves out is unweighted).
+
+    Raises:
+        BatchError: A list of another length than the outputs, or a dict with unknown keys.
+
+    Example:
+        >>> weights_per_output("w", ["a", "b"]), weights_per_output({"b": "wb"}, ["a", "b"])
+        (['w', 'w'], [None, 'wb'])
+
+    """
+    if sample_weight is None:
+        return [None for _ in names]
+    if isinstance(sample_weight, Mapping):
+        unknown = [key for key in sample_weight if key not in names]
+        if unknown:
+            raise BatchError(
+                f"sample_weight is a dict with keys {unknown} that match no model output; the "
+                f"outputs are {names}. Key the weights by output name."
+            )
+        return [sample_weight.get(name) for name in names]
+    if isinstance(sample_weight, list | tuple):
+        if len(sample_weight) == len(names):
+            return list(sample_weight)
+        if len(sample_weight) == 1:
+            return [sample_weight[0] for _ in names]
+        raise BatchError(
+            f"sample_weight holds {len(sample_weight)} weight tensors but the model has "
+            f"{len(names)} outputs {names}. Give one per output (a list in output order or a "
+            "dict keyed by output name), or one tensor for all."
+        )
+    return [sample_weight for _ in names]
+
+
 def weights_for_output(sample_weight: Any, output: Any) -> Any:
     """The ``sample_weight`` one loss or metric of ``output`` receives: a private copy.
 
@@ -71,6 +108,8 @@ def weights_for_output(sample_weight: Any, output: Any) -> Any:
     a ``(batch, steps)`` mask), the weights are spread over the mask's steps: what Keras'
     ``apply_mask`` means, which its in-place multiply cannot broadcast on the torch backend.
     """
+    if sample_weight is None:
+        return None
     weights = private_copy(sample_weight)
     mask = _private.keras_mask_of(output) if isinstance(output, torch.Tensor) else None
     if mask is None or not isinstance(weights, torch.Tensor) or not 0 < weights.ndim < mask.ndim:

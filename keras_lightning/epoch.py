@@ -39,10 +39,13 @@ class EpochState:
             entry[0] = entry[0] + value * count
             entry[1] = entry[1] + count
 
-    def update_metrics(self, y_pred: list[Any], y_true: list[Any], sample_weight: Any) -> None:
-        """Accumulate every metric on its output."""
+    def update_metrics(
+        self, y_pred: list[Any], y_true: list[Any], sample_weight: list[Any]
+    ) -> None:
+        """Accumulate every metric on its output (``sample_weight``: one entry per output)."""
         for metric in self.metrics or ():
-            metric.update(y_pred[metric.output_index], y_true[metric.output_index], sample_weight)
+            index = metric.output_index
+            metric.update(y_pred[index], y_true[index], sample_weight[index])
 
     def compute(self, distributed: bool = False) -> dict[str, torch.Tensor]:
         """Epoch values under their logged names, reduced across processes if asked."""

@@ -26,6 +26,7 @@ from keras_lightning.optimizers import (
     check_optimizer_states,
     check_optimizers_train,
     configure_builtin,
+    finalize_keras_optimizers,
     learning_rate_of,
 )
 from keras_lightning.specs import (
@@ -364,6 +365,12 @@ class KerasLightningModule(LightningSideHelpers):
 
     def _library_on_train_end(self) -> None:
         self._pending_rng = None  # a resume that never reached a batch leaves nothing behind
+        trainer = _private.attached_trainer(self)
+        if trainer is not None and self.model is not None:  # EMA weights in, as fit() ends
+            with self.keras_scope():
+                finalize_keras_optimizers(
+                    trainer.optimizers, self.model, self._uses_keras_train_step()
+                )
         replicas.end_of_training(self.model)  # every rank ends with the same model
 
     @override

@@ -10,6 +10,7 @@ from keras_lightning.data import (
     class_weights_for,
     per_output,
     weights_for_output,
+    weights_per_output,
 )
 from keras_lightning.exceptions import BatchError, ConfigurationError, ShapeMismatchError
 from keras_lightning.losses import LossAdapter, resolve_loss
@@ -119,6 +120,7 @@ class Objective:
         """Total loss and the loss of each output (``None`` where an output has no loss)."""
         assert self.names is not None
         targets = self.targets(y)
+        per_output_weights = weights_per_output(sample_weight, self.names)
         total: torch.Tensor | None = None
         parts: list[torch.Tensor | None] = []
         for index, loss_fn in enumerate(self.losses):
@@ -132,7 +134,7 @@ class Objective:
                     "but the batch has no y. Yield (x, y) batches, or pass loss=None for a "
                     "model that only uses add_loss()."
                 )
-            weights = self.sample_weight(y_true, sample_weight, training)
+            weights = self.sample_weight(y_true, per_output_weights[index], training)
             value = _call_loss(loss_fn, y_pred[index], y_true, weights, self.names[index])
             parts.append(value)
             weighted = value * self.weights[index] if self.weights[index] != 1.0 else value

@@ -504,3 +504,21 @@ def _call_scheduler(factory: Any, optimizer: torch.optim.Optimizer) -> Any:
             "torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)."
         )
     return scheduler
+
+
+def finalize_keras_optimizers(optimizers: Sequence[Any], model: Any, own_step: bool) -> None:
+    """End training as Keras' ``fit`` does: ``optimizer.finalize_variable_values(weights)``.
+
+    With ``use_ema=True`` that writes the moving averages into the weights (otherwise it does
+    nothing). ``optimizers``: those Lightning stepped; for a model with its own ``train_step``
+    (``own_step``), the optimizer of its ``compile()``, as in Keras.
+    """
+    if own_step:
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None and getattr(optimizer, "built", False):
+            optimizer.finalize_variable_values(model.trainable_weights)
+        return
+    for optimizer in optimizers:
+        if isinstance(optimizer, KerasOptimizer) and optimizer.keras_optimizer.built:
+            optimizer.keras_optimizer.finalize_variable_values(optimizer.variables)
+

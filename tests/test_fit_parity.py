@@ -651,3 +651,109 @@ def test_training_goes_on_from_a_keras_fit_as_a_longer_keras_fit_would(digits):
     assert_same_history({k: v[1:] for k, v in history.items()}, logged)
     assert_same_weights(reference, model)
     assert int(model.optimizer.iterations) == int(reference.optimizer.iterations)
+
+
+def test_a_compute_loss_model_reloads_from_a_checkpoint_with_its_objective(tmp_path):
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    module = kl.KerasLightningModule(_penalized())  # loss and optimizer from its compile()
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(module, loader(x, y, batch_size=16))
+    trainer.save_checkpoint(tmp_path / "penalized.ckpt")
+    expected = make_trainer().validate(module, loader(x, y, batch_size=16), verbose=False)
+    model = _penalized()
+    model(torch.zeros(1, 4))  # built, as loading asks
+    restored = kl.KerasLightningModule.load_from_checkpoint(tmp_path / "penalized.ckpt", model=model)
+    got = make_trainer().validate(restored, loader(x, y, batch_size=16), verbose=False)
+    assert got[0]["val_loss"] == pytest.approx(expected[0]["val_loss"], rel=1e-6)
+    assert got[0]["val_mae"] == pytest.approx(expected[0]["val_mae"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------- weights per output
+
+
+def _two_heads(weighted_metrics: bool, structure: str = "dict") -> keras.Model:
+    keras.utils.set_random_seed(66)
+    inputs = keras.Input((64,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    heads = [keras.layers.Dense(10, name="a")(hidden), keras.layers.Dense(1, name="b")(hidden)]
+    losses = [keras.losses.SparseCategoricalCrossentropy(from_logits=True), "mse"]
+    metrics = [[], ["mae"]] if weighted_metrics else None
+    if structure == "list":
+        model = keras.Model(inputs, heads)
+        model.compile("sgd", loss=losses, loss_weights=[0.5, 3.0], weighted_metrics=metrics)
+        return model
+    model = keras.Model(inputs, dict(zip("ab", heads, strict=True)))
+    model.compile(
+        "sgd", loss=dict(zip("ab", losses, strict=True)), loss_weights={"a": 0.5, "b": 3.0},
+        weighted_metrics=dict(zip("ab", metrics, strict=True)) if metrics else None,
+    )
+    return model
+
+
+@pytest.mark.parametrize("structure", ["list", "dict"])
+def test_sample_weight_per_output_weighs_each_outputs_loss_and_metrics(digits, structure):
+    x, y = digits["x_train"][:320], digits["y_train"][:320]
+    yb = (x.sum(axis=1, keepdims=True) / 10).astype("float32")
+    rng = np.random.default_rng(8)
+    wa, wb = rng.uniform(0.5, 2, 320).astype("float32"), np.zeros(320, "float32")
+
+    def pack(a, b):
+        return [a, b] if structure == "list" else {"a": a, "b": b}
+
+    make = lambda: _two_heads(True, structure)  # noqa: E731
+    reference, history = keras_fit(
+        make, x, pack(y, yb), sample_weight=pack(wa, wb), batch_size=32, epochs=1
+    )
+    samples = [(x[i], pack(y[i], yb[i]), pack(wa[i], wb[i])) for i in range(320)]
+    model, logged, _ = lightning_fit(make, samples_loader(samples, 32), epochs=1)
+    assert history["b_loss"] == [0.0]  # output b weighs nothing
+    assert_same_history(history, logged)
+    assert_same_weights(reference, model)
+
+
+def test_a_wrong_number_of_per_output_weights_is_named(digits):
+    x, y = digits["x_train"][:8], digits["y_train"][:8]
+    yb = np.zeros((8, 1), "float32")
+    module = kl.KerasLightningModule(_two_heads(weighted_metrics=False))
+    samples = [(x[i], {"a": y[i], "b": yb[i]}, [1.0, 1.0, 1.0]) for i in range(8)]
+    with pytest.raises(kl.BatchError, match=r"sample_weight holds 3 weight tensors"):
+        make_trainer(max_steps=1).fit(module, samples_loader(samples, 4))
+
+
+# ---------------------------------------------------------------------- end of fit, metric state
+
+
+def test_ema_weights_are_written_into_the_model_when_training_ends(digits):
+    x, y = digits["x_train"][:256], digits["y_train"][:256]
+
+    def make():
+        model = _mlp(16, 16)
+        model.compile(keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.9),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    reference, history = keras_fit(make, x, y, batch_size=32, epochs=2)
+    model, logged, _ = lightning_fit(make, loader(x, y, batch_size=32), epochs=2)
+    assert_same_history(history, logged)
+    assert_same_weights(reference, model)
+
+
+def test_a_metric_object_that_saw_data_before_starts_the_first_epoch_empty(digits):
+    x, y = digits["x_train"][:320], digits["y_train"][:320]
+
+    def make():
+        model = _mlp(16, 17)
+        model.compile(
+            keras.optimizers.Adam(1e-2),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.SparseTopKCategoricalAccuracy(k=2),
+                     keras.metrics.SparseCategoricalAccuracy(name="acc")],
+        )
+        model.evaluate(x[:100], y[:100], verbose=0)  # the untrained model, looked at first
+        return model
+
+    reference, history = keras_fit(make, x, y, batch_size=32, epochs=2)
+    model, logged, _ = lightning_fit(make, loader(x, y, batch_size=32), epochs=2)
+    assert_same_history(history, logged)

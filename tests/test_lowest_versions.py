@@ -28,6 +28,7 @@ CORE_TESTS = [
     "tests/test_optimizers.py",
     "tests/test_private.py",
     "tests/test_lifecycle.py",
+    "tests/test_fit_parity.py",
     "tests/test_checkpoint_files.py",
     "tests/test_performance.py",
     "keras_lightning",

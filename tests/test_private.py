@@ -176,6 +176,15 @@ def test_compile_config_holds_the_compile_arguments():
     assert config["loss_weights"] == [2.0]
 
 
+def test_keras_fit_trackers_are_what_compile_made_for_keras_own_loop():
+    model = mlp(hidden=3)
+    assert _private.keras_fit_trackers(model) == []
+    model.compile(optimizer="sgd", loss=["mse"], metrics=["mae"])
+    trackers = _private.keras_fit_trackers(model)
+    assert [m.name for m in trackers][:2] == ["loss", "compile_metrics"]
+    assert all(any(t is m for m in model.metrics) for t in trackers)
+
+
 def test_track_variables_registers_variables_added_after_the_build():
     model = mlp(hidden=3)
     assert _private.track_variables(model) is False  # all registered already

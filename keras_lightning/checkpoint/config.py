@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from keras_lightning import _private
 from keras_lightning.exceptions import CheckpointError
+from keras_lightning.keras_model import overrides_step
 
 import json
 from collections.abc import Callable, Mapping
@@ -37,6 +38,8 @@ _ARGUMENTS = {
     "class_weight": "plain",
     "lr_scheduler": "never",
 }
+#: What a model's own compute_loss replaces: not stored unless given to the module.
+_OBJECTIVE = ("loss", "loss_weights")
 
 
 
@@ -115,8 +118,12 @@ def module_config(model: Any, arguments: Arguments) -> dict[str, Any]:
     except CheckpointError as error:
         config["model"] = None
         config["model_error"] = str(error)
+    own_objective = model is not None and overrides_step(model, "compute_loss")
     for argument, kind in _ARGUMENTS.items():
-        config["arguments"][argument] = _serialize(getattr(arguments, argument), kind)
+        value = getattr(arguments, argument)
+        if own_objective and argument in _OBJECTIVE and argument not in arguments.given:
+            value = None  # taken from the model's compile(), which its compute_loss uses
+        config["arguments"][argument] = _serialize(value, kind)
     return config
 
 
