@@ -97,16 +97,17 @@ def with_keras_mask(tensor: Any, mask: Any) -> Any:
     return tensor
 
 
-def symbolic_build(model: Any, data: Any) -> None:
+def symbolic_build(model: Any, data: Any, with_compiled: bool) -> None:
     """Build an unbuilt model from one batch as Keras' ``fit`` does, with symbolic tensors.
 
     Keras' ``Trainer._symbolic_build`` traces the model (and its compiled loss and metrics)
     on ``KerasTensor``s shaped like ``data``: the variables are created, no value is
     computed, and no random state (``SeedGenerator``) advances. Raises what Keras raises
-    when the model cannot be traced. An uncompiled model (the module holds its loss and
-    metrics) is traced the same way, without the compiled parts.
+    when the model cannot be traced. ``with_compiled=False`` traces the model alone, without
+    building its compiled loss, metrics and optimizer (those the module does not use: its
+    own step does, with ``with_compiled=True``).
     """
-    if getattr(model, "compiled", False):
+    if with_compiled and getattr(model, "compiled", False):
         model._symbolic_build(data_batch=data)
         return
     from keras.src import backend, tree

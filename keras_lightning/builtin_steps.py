@@ -23,7 +23,6 @@ from keras_lightning.devices import place_variables
 from keras_lightning.epoch import EpochState
 from keras_lightning.keras_logs import (
     metric_results,
-    reset_metrics,
     restore_metrics,
     scalar_logs,
     snapshot_metrics,
@@ -31,6 +30,7 @@ from keras_lightning.keras_logs import (
 )
 from keras_lightning.keras_model import (
     check_compute_loss_arguments,
+    compute_loss_takes_training,
     model_compute_loss,
     overrides_step,
     own_metrics,
@@ -114,6 +114,9 @@ class BuiltinSteps:
         self.objective: Objective | None = None
         self.stages = {stage: EpochState(prefix) for stage, prefix in STAGE_PREFIX.items()}
         self._own_snapshot: list[tuple[Any, torch.Tensor]] | None = None
+        # None: the configured objective; else the model's compute_loss, True when it takes
+        # `training` (decided on the first batch, outside any compiled region)
+        self._own_compute_loss: bool | None = None
 
     @property
     def compile_stats(self) -> CompileStats | None:
@@ -143,11 +146,14 @@ class BuiltinSteps:
         if training is None:
             training = running_stage(_private.attached_trainer(self.host)) == "train"
         objective = self._resolve_objective(y_pred, y)
-        if overrides_step(model, "compute_loss"):
+        if self._own_compute_loss is not None:  # decided once, on the first batch
             weights = sample_weight
-            if objective.class_weight is not None and y is not None:
-                weights = objective.sample_weight(objective.targets(y)[0], sample_weight, training)
-            return model_compute_loss(model, x, y, y_pred, weights, training), {}
+            if objective.class_weight is not None and y is not None:  # one output (resolve)
+                target = align_targets(y, objective.names or [])[0]
+                weights = objective.sample_weight(target, sample_weight, training)
+            return model_compute_loss(
+                model, x, y, y_pred, weights, training, self._own_compute_loss
+            ), {}
         _, outputs = output_structure(y_pred, model)
         total, parts = objective(outputs, y, sample_weight, list(model.losses), training)
         assert objective.names is not None
@@ -161,11 +167,21 @@ class BuiltinSteps:
 
     def _resolve_objective(self, y_pred: Any, y: Any) -> Objective:
         if self.objective is None or not self.objective.resolved:
-            names, outputs = output_structure(y_pred, self.host._require_model())
+            model = self.host._require_model()
+            names, outputs = output_structure(y_pred, model)
             arguments = self.arguments
-            check_compute_loss_arguments(self.host._require_model(), arguments)
-            objective = Objective(arguments.loss, arguments.loss_weights, arguments.class_weight)
-            objective.resolve(names, y, outputs)
+            check_compute_loss_arguments(model, arguments)
+            if overrides_step(model, "compute_loss"):
+                # the model's objective: its y may be shaped unlike its outputs (RetinaNet)
+                self._own_compute_loss = compute_loss_takes_training(model)
+                objective = Objective(None, None, arguments.class_weight)
+                objective.resolve(names, None, outputs)
+            else:
+                self._own_compute_loss = None
+                objective = Objective(
+                    arguments.loss, arguments.loss_weights, arguments.class_weight
+                )
+                objective.resolve(names, y, outputs)
             self.objective = objective
         return self.objective
 
@@ -199,7 +215,8 @@ class BuiltinSteps:
         state = self.stages[stage]
         if state.metrics is not None:
             return state
-        if y is None:
+        arguments = self.arguments
+        if y is None or (arguments.metrics is None and arguments.weighted_metrics is None):
             state.metrics = []
             return state
         names, outputs = output_structure(y_pred, self.host._require_model())
@@ -305,7 +322,8 @@ class BuiltinSteps:
             if own:
                 if stage == "val" and _private.fitting(_private.attached_trainer(self.host)):
                     self._own_snapshot = snapshot_metrics(own)
-                reset_metrics(model)
+                for metric in own:  # only these: compile's own trackers may be the user's
+                    metric.reset_state()
 
     def epoch_end(self, stage: str) -> None:
         """Log the epoch's values, reduced over every process: means and metric results.

@@ -102,20 +102,27 @@ def weights_per_output(sample_weight: Any, names: list[str]) -> list[Any]:
 
 
 def weights_for_output(sample_weight: Any, output: Any) -> Any:
-    """The ``sample_weight`` one loss or metric of ``output`` receives: a private copy.
+    """The ``sample_weight`` one loss or metric of a masked ``output`` receives.
 
-    For an output with a Keras mask of more dimensions than the weights (per-sequence weights,
-    a ``(batch, steps)`` mask), the weights are spread over the mask's steps: what Keras'
-    ``apply_mask`` means, which its in-place multiply cannot broadcast on the torch backend.
+    Keras' ``apply_mask`` multiplies the weights by the output's mask in place on the torch
+    backend (``sample_weight *= mask``): for a masked output each loss and metric gets its
+    own copy (:func:`private_copy`), spread over the mask's shape, what ``apply_mask`` means
+    (per-sequence weights of ``(batch,)`` or ``(batch, 1)`` for a ``(batch, steps)`` mask),
+    which its in-place multiply cannot broadcast. Without a mask, nothing writes into them.
     """
-    if sample_weight is None:
-        return None
+    if sample_weight is None or not isinstance(output, torch.Tensor):
+        return sample_weight
+    mask = _private.keras_mask_of(output)
+    if mask is None:
+        return sample_weight
     weights = private_copy(sample_weight)
-    mask = _private.keras_mask_of(output) if isinstance(output, torch.Tensor) else None
-    if mask is None or not isinstance(weights, torch.Tensor) or not 0 < weights.ndim < mask.ndim:
+    if not isinstance(weights, torch.Tensor) or not 0 < weights.ndim <= mask.ndim:
         return weights
     shape = tuple(weights.shape) + (1,) * (mask.ndim - weights.ndim)
-    return weights.reshape(shape).expand(tuple(mask.shape)).contiguous()
+    try:
+        return weights.reshape(shape).expand(tuple(mask.shape)).contiguous()
+    except RuntimeError:  # not broadcastable: the loss names the shapes
+        return weights
 
 
 def batch_size_of(x: Any) -> int:

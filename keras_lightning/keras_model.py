@@ -29,6 +29,7 @@ __all__ = [
     "adopt_compile_config",
     "as_keras_data",
     "check_compute_loss_arguments",
+    "compute_loss_takes_training",
     "model_compute_loss",
     "overrides_step",
     "own_metrics",
@@ -101,15 +102,31 @@ def own_metrics(model: Any) -> list[Any]:
 
 
 def model_compute_loss(
-    model: Any, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool
+    model: Any,
+    x: Any,
+    y: Any,
+    y_pred: Any,
+    sample_weight: Any,
+    training: bool,
+    pass_training: bool,
 ) -> torch.Tensor:
     """Call the model's own ``compute_loss`` as Keras' ``train_step`` / ``test_step`` do.
 
     Keras calls ``compute_loss(x, y, y_pred, sample_weight, training=...)``, leaving out
-    ``training`` for an override written before Keras 3.3 that does not take it.
+    ``training`` for an override without that parameter (written before Keras 3.3):
+    ``pass_training`` is :func:`compute_loss_takes_training`, decided once.
+
+    Raises:
+        ConfigurationError: ``compute_loss`` returned None, or needs ``x`` and got None.
+
     """
-    cls: Any = type(model)
-    if _takes_training(cls):
+    if x is None:
+        raise ConfigurationError(
+            f"{type(model).__name__} overrides compute_loss(x, y, y_pred, sample_weight), "
+            "which Keras calls with the batch's inputs x; this call gave none. Pass them: "
+            "self.compute_loss(y_pred, y, sample_weight, x=x)."
+        )
+    if pass_training:
         loss = model.compute_loss(x, y, y_pred, sample_weight, training=training)
     else:
         loss = model.compute_loss(x, y, y_pred, sample_weight)
@@ -121,15 +138,14 @@ def model_compute_loss(
     return loss
 
 
-@functools.lru_cache(maxsize=256)
-def _takes_training(cls: Any) -> bool:
+def compute_loss_takes_training(model: Any) -> bool:
+    """Whether Keras passes ``training=`` to this model's ``compute_loss``: Keras' own test,
+    a parameter named ``training`` (``**kwargs`` does not count).
+    """
     try:
-        parameters = inspect.signature(cls.compute_loss).parameters
+        return "training" in inspect.signature(type(model).compute_loss).parameters
     except (TypeError, ValueError):
         return True
-    return "training" in parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
-    )
 
 
 def as_keras_data(batch: Any) -> Any:
@@ -188,8 +204,7 @@ def _as_keras_losses(spec: Any) -> Any:
         return spec
     if isinstance(spec, torch.nn.Module) or not callable(spec):
         return spec
-    import keras
-
-    if isinstance(spec, keras.losses.Loss):
+    module = getattr(spec, "__module__", None) or type(spec).__module__ or ""
+    if module.startswith("keras"):  # Keras' own losses: resolved (and stored) as they are
         return spec
     return KerasLoss(spec)

@@ -32,10 +32,14 @@ class LightningSideHelpers(L.LightningModule):
     _builtin: BuiltinSteps
 
     def compute_loss(
-        self, y_pred: Any, y: Any, sample_weight: Any = None
+        self, y_pred: Any, y: Any, sample_weight: Any = None, *, x: Any = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The configured loss (order handled, ``model.losses`` added) and per-output losses."""
-        return self._builtin.compute_loss(y_pred, y, sample_weight)
+        """The configured loss (order handled, ``model.losses`` added) and per-output losses.
+
+        ``x`` (the batch's inputs) is needed only for a Keras model that overrides
+        ``compute_loss(x, y, y_pred, sample_weight)``, whose objective this then is.
+        """
+        return self._builtin.compute_loss(y_pred, y, sample_weight, x=x)
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: Any = None) -> None:
         """Backward ``loss`` and step one configured optimizer (Keras or torch).

@@ -222,7 +222,10 @@ class KerasLightningModule(LightningSideHelpers):
         model = self._require_model()
         with torch.no_grad(), self.keras_scope():
             try:
-                _private.symbolic_build(model, as_keras_data(batch))
+                own_step = overrides_step(model, "train_step") or overrides_step(
+                    model, "test_step"
+                )
+                _private.symbolic_build(model, as_keras_data(batch), with_compiled=own_step)
             except Exception:  # noqa: BLE001 (Keras raises anything a model's call raises)
                 x, _, _ = unpack_batch(batch)
                 with replicas.seed_states_kept(model):

@@ -22,6 +22,7 @@ from keras_lightning.fast_update import DirectUpdate, update_path_for
 from keras_lightning.precision import check_keras_optimizer, check_optimizer_dtype
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -514,11 +515,25 @@ def finalize_keras_optimizers(optimizers: Sequence[Any], model: Any, own_step: b
     (``own_step``), the optimizer of its ``compile()``, as in Keras.
     """
     if own_step:
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is not None and getattr(optimizer, "built", False):
-            optimizer.finalize_variable_values(model.trainable_weights)
-        return
-    for optimizer in optimizers:
-        if isinstance(optimizer, KerasOptimizer) and optimizer.keras_optimizer.built:
-            optimizer.keras_optimizer.finalize_variable_values(optimizer.variables)
+        pairs = [(getattr(model, "optimizer", None), model.trainable_weights)]
+    else:
+        pairs = [
+            (optimizer.keras_optimizer, optimizer.variables)
+            for optimizer in optimizers
+            if isinstance(optimizer, KerasOptimizer)
+        ]
+    for keras_optimizer, variables in pairs:
+        if keras_optimizer is None or not getattr(keras_optimizer, "use_ema", False):
+            continue
+        if not keras_optimizer.built:
+            continue
+        try:
+            keras_optimizer.finalize_variable_values(variables)
+        except ValueError as error:  # built over other variables (e.g. before a freeze)
+            warnings.warn(
+                f"The moving averages of {type(keras_optimizer).__name__}(use_ema=True) were "
+                f"not written into the weights ({error}): it was built over other variables "
+                "than the ones trained. The weights are the last trained ones.",
+                stacklevel=2,
+            )
 

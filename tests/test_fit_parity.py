@@ -757,3 +757,90 @@ def test_a_metric_object_that_saw_data_before_starts_the_first_epoch_empty(digit
     reference, history = keras_fit(make, x, y, batch_size=32, epochs=2)
     model, logged, _ = lightning_fit(make, loader(x, y, batch_size=32), epochs=2)
     assert_same_history(history, logged)
+
+
+class LabelsOnly(keras.Model):
+    """Targets shaped unlike the outputs (as keras_hub's RetinaNet takes boxes and labels)."""
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        classes = keras.losses.sparse_categorical_crossentropy(
+            y["labels"], y_pred["cls_logits"], from_logits=True
+        )
+        boxes = ops.mean(ops.square(y["boxes"] - y_pred["bbox_regression"]), axis=-1)
+        return ops.mean(classes + boxes)
+
+
+def test_a_compute_loss_model_takes_targets_shaped_unlike_its_outputs(digits):
+    x, labels = digits["x_train"][:256], digits["y_train"][:256]
+    boxes = (x[:, :4] * 2.0).astype("float32")
+
+    def make():
+        keras.utils.set_random_seed(18)
+        inputs = keras.Input((64,))
+        model = LabelsOnly(inputs, {
+            "bbox_regression": keras.layers.Dense(4, name="bbox_regression")(inputs),
+            "cls_logits": keras.layers.Dense(10, name="cls_logits")(inputs),
+        })
+        model.compile(keras.optimizers.Adam(1e-2))
+        return model
+
+    reference, history = keras_fit(
+        make, x, {"boxes": boxes, "labels": labels}, batch_size=32, epochs=2
+    )
+    samples = [(x[i], {"boxes": boxes[i], "labels": labels[i]}) for i in range(256)]
+    model, logged, _ = lightning_fit(make, samples_loader(samples, 32), epochs=2)
+    assert_same_history(history, logged)
+    assert_same_weights(reference, model)
+
+
+def test_validation_keeps_the_training_values_of_compiled_metric_objects(digits):
+    # a compiled metric object is the one the module updates, and the one Keras' own
+    # compile container holds (built by the earlier Keras fit): a validation must not reset it
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(96, 4)).astype("float32")
+    y = (x @ np.array([1.0, -1.0, 2.0, 0.5], dtype="float32"))[:, None]
+
+    def make():
+        model = _functional(PenaltyTracker)
+        model.compile(keras.optimizers.SGD(0.05), loss="mse",
+                      metrics=[keras.metrics.MeanAbsoluteError(name="mae")])
+        return model
+
+    reference, history = keras_fit(
+        make, x, y, batch_size=16, epochs=2, validation_data=(x[:32], y[:32])
+    )
+
+    def fitted_once():
+        model = make()
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  validation_data=(x[:32], y[:32]))
+        return model
+
+    model, logged, _ = lightning_fit(
+        fitted_once, loader(x, y, batch_size=16), loader(x[:32], y[:32], batch_size=16), epochs=1
+    )
+    assert_same_history({k: v[1:] for k, v in history.items()}, logged)
+    assert_same_weights(reference, model)
+
+
+def test_a_hand_written_step_passes_x_to_a_models_compute_loss(digits):
+    class Module(kl.KerasLightningModule):
+        def __init__(self, model, pass_x):
+            super().__init__(model)
+            self.pass_x = pass_x
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            y_pred = self(x, training=True)
+            loss, _ = self.compute_loss(y_pred, y, x=x if self.pass_x else None)
+            return loss
+
+    data = loader(digits["x_train"][:64], digits["y_train"][:64], batch_size=32)
+    with pytest.raises(kl.ConfigurationError, match=r"compute_loss\(y_pred, y, sample_weight, x=x\)"):
+        make_trainer(max_steps=1).fit(Module(_distiller(), pass_x=False), data)
+    module = Module(_distiller(), pass_x=True)
+    make_trainer(max_steps=2).fit(module, data)
+    reference = _distiller()
+    reference.fit(digits["x_train"][:64], digits["y_train"][:64], batch_size=32, epochs=1,
+                  shuffle=False, verbose=0)
+    assert_same_weights(reference.student, module.model.student)

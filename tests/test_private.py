@@ -223,7 +223,7 @@ def test_symbolic_build_creates_variables_without_moving_random_state():
         if compiled:
             model.compile(optimizer="adam", loss="mse", metrics=["mae"])
         before = model.seed.state.value.tolist()
-        _private.symbolic_build(model, (torch.ones(4, 3), torch.ones(4, 2)))
+        _private.symbolic_build(model, (torch.ones(4, 3), torch.ones(4, 2)), compiled)
         assert [tuple(v.shape) for v in model.dense.weights] == [(3, 2), (2,)]
         assert len(list(model.parameters())) == len(model.variables)  # torch sees them
         assert model.seed.state.value.tolist() == before
