@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo, 2 processes): weights, gradients, BatchNorm statistics, seeds, metrics.
+"""DDP on CPU (gloo, 2 processes): weights, gradients, BatchNorm statistics, seeds, metrics
+(the module's, torchmetrics, and a metric the Keras model updates itself).
 
 Every multi-process run is a separate script (tests/scale_out/ddp_run.py) that records what
 each rank saw into files; the tests compare the ranks with each other and with single-process
@@ -85,6 +86,7 @@ def _global_metrics(variables: list[np.ndarray]) -> dict[str, float]:
         (w[r::2] * correct[r::2]).sum() / w[r::2].sum() for r in range(2)
     ]  # DistributedSampler(shuffle=False) gives rank r the samples r, r + 2, ...
     return {
+        "val_mean_abs_logit": float(np.abs(logits).mean(axis=1).mean()),  # the model's own
         "val_accuracy": correct.mean(),
         "val_weighted_accuracy": (w * correct).sum() / w.sum(),
         "val_multiclass_accuracy": float(np.mean(recalls)),
@@ -160,7 +162,8 @@ def test_epoch_metrics_are_exact_global_values(ddp_run: Path) -> None:
     assert infos[0]["variable_paths"][4].endswith("moving_mean")
     expected = _global_metrics(variables)
     logged = infos[0]["metrics"]
-    for name in ("val_accuracy", "val_weighted_accuracy", "val_multiclass_accuracy"):
+    for name in ("val_accuracy", "val_weighted_accuracy", "val_multiclass_accuracy",
+                 "val_mean_abs_logit"):
         assert logged[name] == pytest.approx(expected[name], abs=1e-6), name
     assert logged["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
     # A mean of per-rank weighted accuracies would be measurably different:
@@ -249,7 +252,8 @@ def test_two_nodes_under_torchrun(tmp_path: Path) -> None:
     np.testing.assert_array_equal(arrays[0]["weights"], arrays[1]["weights"])
     np.testing.assert_array_equal(arrays[0]["final_all"], arrays[1]["final_all"])
     expected = _global_metrics([arrays[0][f"var{i}"] for i in range(10)])
-    for name in ("val_accuracy", "val_weighted_accuracy", "val_multiclass_accuracy"):
+    for name in ("val_accuracy", "val_weighted_accuracy", "val_multiclass_accuracy",
+                 "val_mean_abs_logit"):
         assert infos[0]["metrics"][name] == pytest.approx(expected[name], abs=1e-6), name
 
 

@@ -59,6 +59,19 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+class LogitTracker(keras.layers.Layer):
+    """Passes its input through; a metric of the model's own: the mean |logit| per sample."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tracker = keras.metrics.Mean(name="mean_abs_logit")
+
+    def call(self, x: Any) -> Any:
+        values = keras.ops.mean(keras.ops.abs(keras.ops.stop_gradient(x)), axis=-1)
+        self.tracker.update_state(values)
+        return x
+
+
 def build_model() -> keras.Model:
     """BatchNorm, a seeded and an unseeded Dropout; initial weights differ per rank."""
     keras.utils.set_random_seed(100 + _rank())  # DDP must broadcast rank 0's weights
@@ -70,6 +83,7 @@ def build_model() -> keras.Model:
             keras.layers.Dropout(0.25, seed=7, name="seeded_dropout"),
             keras.layers.Dropout(0.25, name="torch_dropout"),
             keras.layers.Dense(10),
+            LogitTracker(),
         ]
     )
     torch.manual_seed(0)  # like seed_everything: torch's generator equal on every rank
