@@ -47,6 +47,7 @@ class Objective:
         self.names: list[str] | None = None
         self.losses: list[LossAdapter | None] = []
         self.weights: list[float] = []
+        self._expects: list[bool] = []  # fixed by resolve(): read on every batch
 
     @property
     def resolved(self) -> bool:
@@ -79,12 +80,13 @@ class Objective:
                 f"{names}. Pass per-sample weights as the third batch element instead: "
                 "(x, y, sample_weight)."
             )
+        self._expects = [loss is not None for loss in self.losses]
         self.names = names
 
     @property
     def expects_targets(self) -> list[bool]:
         """Which outputs take a target: those with a loss (Keras' ``loss=["mse", None]``)."""
-        return [loss is not None for loss in self.losses]
+        return self._expects
 
     def targets(self, y: Any) -> list[Any]:
         """``y`` ordered like the outputs (``None`` for outputs that take no target)."""
