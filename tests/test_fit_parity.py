@@ -844,3 +844,52 @@ def test_a_hand_written_step_passes_x_to_a_models_compute_loss(digits):
     reference.fit(digits["x_train"][:64], digits["y_train"][:64], batch_size=32, epochs=1,
                   shuffle=False, verbose=0)
     assert_same_weights(reference.student, module.model.student)
+
+
+# ---------------------------------------------------------------------- errors, fallback build
+
+
+class NoLoss(keras.Model):
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return None
+
+
+def test_a_compute_loss_that_returns_none_is_named(digits):
+    inputs = keras.Input((64,))
+    model = NoLoss(inputs, keras.layers.Dense(10)(inputs))
+    model.compile(optimizer="sgd")
+    with pytest.raises(kl.ConfigurationError, match=r"NoLoss\.compute_loss.*returned None"):
+        make_trainer(max_steps=1).fit(
+            kl.KerasLightningModule(model),
+            loader(digits["x_train"][:8], digits["y_train"][:8], batch_size=4),
+        )
+
+
+def test_per_output_weights_keyed_by_an_unknown_output_are_named(digits):
+    x, y = digits["x_train"][:8], digits["y_train"][:8]
+    module = kl.KerasLightningModule(_two_heads(weighted_metrics=False))
+    samples = [(x[i], {"a": y[i], "b": np.zeros(1, "float32")}, {"c": 1.0}) for i in range(8)]
+    with pytest.raises(kl.BatchError, match=r"sample_weight is a dict with keys \['c'\]"):
+        make_trainer(max_steps=1).fit(module, samples_loader(samples, 4))
+
+
+class Untraceable(keras.Model):
+    """Reads a value out of its input (no symbolic trace), and draws noise on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+        self.seed = keras.random.SeedGenerator(4)
+
+    def call(self, x):
+        scale = float(keras.ops.convert_to_numpy(keras.ops.max(x)))  # needs real values
+        return self.dense(x / scale + keras.random.normal(keras.ops.shape(x), seed=self.seed))
+
+
+def test_a_model_that_cannot_be_traced_is_built_eagerly_without_moving_its_seeds():
+    model = Untraceable()
+    before = model.seed.state.value.tolist()
+    module = kl.KerasLightningModule(model, loss="mse", optimizer="sgd")
+    module.build_from_batch((torch.rand(4, 2) + 1.0, torch.zeros(4, 3)))
+    assert [tuple(v.shape) for v in model.dense.weights] == [(2, 3), (3,)]
+    assert model.seed.state.value.tolist() == before
