@@ -24,6 +24,7 @@ from keras_lightning.exceptions import (  # noqa: E402
     ShapeMismatchError,
 )
 from keras_lightning.keras_logs import flatten_logs  # noqa: E402
+from keras_lightning.lightning_tools import KerasWeights, weights_module  # noqa: E402
 from keras_lightning.losses import KerasLoss, TorchLoss, keras_loss, torch_loss  # noqa: E402
 from keras_lightning.module import KerasLightningModule  # noqa: E402
 from keras_lightning.optimizers import KerasOptimizer  # noqa: E402
@@ -44,6 +45,7 @@ __all__ = [
     "KerasLightningTypeError",
     "KerasLoss",
     "KerasOptimizer",
+    "KerasWeights",
     "ShapeMismatchError",
     "TerminateOnNaN",
     "TorchLoss",
@@ -53,6 +55,7 @@ __all__ = [
     "keras_loss",
     "model_from_checkpoint",
     "torch_loss",
+    "weights_module",
 ]
 
 #: Names that were documented and renamed: old name -> (new name, object).

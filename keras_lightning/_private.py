@@ -70,6 +70,20 @@ def flatten_layers(model: Any) -> list[Any]:
     return list(flatten(include_self=True)) if callable(flatten) else []
 
 
+def weights_that_can_train(layer: Any) -> list[Any]:
+    """The layer's weights created trainable, frozen or not (no moving statistics, no seeds).
+
+    ``layer.trainable_weights`` is empty while the layer is frozen and
+    ``non_trainable_weights`` mixes frozen kernels with ``BatchNormalization``'s moving
+    statistics; each layer's own list of trainable-created variables tells them apart.
+    """
+    found: dict[int, Any] = {}
+    for sub in flatten_layers(layer):
+        for variable in getattr(sub, "_trainable_variables", ()):
+            found.setdefault(id(variable), variable)
+    return list(found.values())
+
+
 def seed_generators_of(layer: Any) -> list[Any]:
     """The ``SeedGenerator`` objects a layer owns (seeded ``Dropout``, ...)."""
     return list(getattr(layer, "_seed_generators", ()))

@@ -22,6 +22,7 @@ from keras_lightning.lifecycle import RUNNING_HOOKS, guard_hooks
 from keras_lightning.lightning_side import LightningSideHelpers
 from keras_lightning.metrics import check_metric_spec
 from keras_lightning.optimizers import (
+    LaterTrainable,
     check_lr_scheduler,
     check_optimizer_states,
     check_optimizers_train,
@@ -163,6 +164,7 @@ class KerasLightningModule(LightningSideHelpers):
         # for a mid-epoch checkpoint, just before the next batch): {"rng": ..., "mid_epoch": ...}
         self._pending_rng: dict[str, Any] | None = None
         self._lr_override: float | None = None  # learning_rate set by the user or lr_find
+        self._later_trainable = LaterTrainable()  # weights unfrozen after configure_optimizers
         # torchmetrics given by the user are registered so that Lightning moves them.
         self.torchmetrics = torch.nn.ModuleList(torchmetrics_in(metrics, weighted_metrics))
         if self.model is not None:
@@ -382,6 +384,10 @@ class KerasLightningModule(LightningSideHelpers):
 
     def _library_on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._restore_pending_rng(at="batch")  # resumed mid-epoch: the streams go on here
+        optimizer = self._builtin_optimizer()
+        if optimizer is not None:  # a layer unfrozen since configure_optimizers trains too
+            assert self.model is not None
+            self._later_trainable.adopt(optimizer, self.model)
         self._steps("train").train_batch_start()
 
     @override
@@ -439,6 +445,8 @@ class KerasLightningModule(LightningSideHelpers):
         checkpoint.on_save_checkpoint(
             self.model, self._arguments, ckpt, mid_epoch=_private.mid_epoch(trainer)
         )
+        if self._later_trainable.positions:
+            ckpt[_LATER_TRAINABLE] = list(self._later_trainable.positions)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -456,6 +464,7 @@ class KerasLightningModule(LightningSideHelpers):
         ):
             check_optimizer_states(ckpt.get("optimizer_states") or [], self._arguments.optimizer)
         load_checkpoint(model, ckpt)  # the Keras train_step's optimizers: checked, then assigned
+        self._later_trainable.positions = list(ckpt.get(_LATER_TRAINABLE, []))
         self._pending_rng = checkpoint.on_load_checkpoint(trainer, ckpt)
 
     # ------------------------------------------------------------------ optimizers
@@ -468,10 +477,26 @@ class KerasLightningModule(LightningSideHelpers):
                 arguments.optimizer, arguments.lr_scheduler
             )
         with self.keras_scope():  # Keras optimizer variables on this module's device
-            return configure_builtin(
+            configured = configure_builtin(
                 arguments.optimizer, arguments.lr_scheduler, self._require_model(),
                 self._lr_override,
             )
+        optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+        self._later_trainable.restore(optimizer, self._require_model())  # resumed: same groups
+        return configured
+
+    def _builtin_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer the module built (None under a user's own configure_optimizers)."""
+        trainer = _private.attached_trainer(self)
+        if (
+            trainer is None
+            or self.model is None
+            or not trainer.optimizers
+            or self._uses_keras_train_step()
+            or _overrides(self, "configure_optimizers")
+        ):
+            return None
+        return trainer.optimizers[0]
 
     # ------------------------------------------------------------------ state and pickling
 
@@ -561,6 +586,9 @@ guard_hooks(KerasLightningModule)
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+_LATER_TRAINABLE = "keras_lightning_later_trainable"
 
 
 def _overrides(module: KerasLightningModule, name: str) -> bool:

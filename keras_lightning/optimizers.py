@@ -46,6 +46,85 @@ _KERAS_OPTIMIZER_NAMES = (
 )
 
 
+class _Update:
+    """One Keras optimizer over some of one param group's variables, and how it applies.
+
+    A :class:`KerasOptimizer` holds one per param group, plus one for each set of variables
+    that joined a group later (a Keras optimizer is built once, for fixed variables: those that
+    join later get an optimizer of the same class and config, started fresh as torch starts a
+    new parameter's state).
+    """
+
+    def __init__(self, keras_optimizer: Any, variables: Sequence[Any], group: int) -> None:
+        self.keras_optimizer = keras_optimizer
+        self.variables = list(variables)
+        self.params = [parameter_of(v) for v in self.variables]
+        self.group = group
+        self.path: str | None = None  # decided once the Keras optimizer is built
+        self.direct: DirectUpdate | None = None
+        self.lr_is_schedule = isinstance(
+            _private.learning_rate_spec(keras_optimizer),
+            keras.optimizers.schedules.LearningRateSchedule,
+        )
+        self.synced_lr: float | None = None if self.lr_is_schedule else self.current_lr()
+        self.synced_hyperparameters = _hyperparameters_of(keras_optimizer)
+
+    def current_lr(self) -> float:
+        return float(keras.ops.convert_to_numpy(self.keras_optimizer.learning_rate))
+
+    def sync(self, group: dict[str, Any]) -> None:
+        """Give the Keras optimizer what a scheduler or callback wrote into its param group."""
+        lr = group["lr"]
+        if not self.lr_is_schedule and lr != self.synced_lr:
+            self.keras_optimizer.learning_rate = float(lr)
+            self.synced_lr = lr
+        # momentum / betas / weight_decay a scheduler (OneCycleLR's cycle_momentum) wrote
+        for key, value in self.synced_hyperparameters.items():
+            if group.get(key, value) != value:
+                _set_hyperparameter(self.keras_optimizer, key, group[key])
+                self.synced_hyperparameters[key] = group[key]
+
+    def step(self) -> None:
+        grads, variables = [], []
+        for param, variable in zip(self.params, self.variables, strict=True):
+            if param.grad is not None:
+                grads.append(param.grad)
+                variables.append(variable)
+        if grads:
+            self.apply(grads, variables)
+
+    def apply(self, grads: list[torch.Tensor], variables: list[Any]) -> None:
+        """``keras_optimizer.apply(grads, variables)``, by the shortest exact path.
+
+        Once the optimizer is built, for an optimizer that uses ``BaseOptimizer.apply`` with
+        no loss scaling, and variables without constraints or ``overwrite_with_gradient``,
+        ``apply`` reduces to ``_backend_apply_gradients`` (the update, with clipping, weight
+        decay, EMA and gradient accumulation) and ``iterations += 1``, skipping the name
+        scopes, list copies and the variable and empty-gradient filters (``step`` filters
+        gradients already). Without clipping, EMA or accumulation, Keras' torch ``Adam`` and
+        ``SGD`` updates reduce further to their foreach ops (:mod:`keras_lightning.fast_update`).
+        """
+        optimizer = self.keras_optimizer
+        if self.path is None:
+            if not optimizer.built:
+                optimizer.apply(grads, variables)  # builds the slots; decide next time
+                return
+            self.path = update_path_for(optimizer, self.variables)
+            if self.path in DirectUpdate.KINDS:
+                self.direct = DirectUpdate(optimizer, self.variables, self.path)
+        path = self.path if optimizer.loss_scale_factor is None else "apply"
+        if path == "apply":
+            optimizer.apply(grads, variables)
+        elif path != "short" and self.direct is not None and self.direct.applies():
+            self.direct(grads, variables)
+        else:  # "short", or clipping, EMA or accumulation switched on after "adam" / "sgd"
+            _private.backend_apply_gradients(optimizer, grads, variables)
+
+
+class _ByKerasClass:
+    """The :class:`KerasOptimizer` subclasses named after a Keras optimizer class (picklable)."""
+
+
 class KerasOptimizer(torch.optim.Optimizer):
     """A Keras optimizer exposed as a real ``torch.optim.Optimizer``.
 
@@ -55,9 +134,20 @@ class KerasOptimizer(torch.optim.Optimizer):
     a Keras ``LearningRateSchedule`` it shows the schedule's current value. ``state_dict()``
     holds every Keras optimizer variable (``iterations``, slots such as Adam's moments).
 
+    The variable set may change as in torch: ``add_param_group`` (what Lightning's
+    ``BackboneFinetuning`` calls) gives the new group a Keras optimizer of the same class and
+    config at the group's own ``lr``; a parameter appended to a group later gets one too. Each
+    group's ``lr``, ``betas`` / ``momentum`` and ``weight_decay`` reach its Keras optimizers.
+
+    An instance's class is named after the Keras optimizer's (``type(opt).__name__ ==
+    "Adam"``), so that Lightning's ``LearningRateMonitor`` logs ``lr-Adam`` as it does for
+    ``torch.optim.Adam``; ``isinstance(opt, KerasOptimizer)`` holds.
+
     Args:
         keras_optimizer: The Keras optimizer to drive.
         variables: The Keras variables it updates (usually ``model.trainable_variables``).
+        model_variables: Every Keras variable a param group may be given later (usually
+            ``model.variables``); by default only ``variables``.
 
     Example:
         >>> import keras, torch
@@ -67,12 +157,23 @@ class KerasOptimizer(torch.optim.Optimizer):
         >>> loss = model(torch.ones(2, 3)).sum()
         >>> loss.backward()
         >>> opt.step()
-        >>> int(opt.keras_optimizer.iterations)
-        1
+        >>> int(opt.keras_optimizer.iterations), type(opt).__name__
+        (1, 'SGD')
 
     """
 
-    def __init__(self, keras_optimizer: Any, variables: Sequence[Any]) -> None:
+    def __new__(cls, keras_optimizer: Any = None, *args: Any, **kwargs: Any) -> KerasOptimizer:
+        """An instance of the subclass named after the Keras optimizer's class."""
+        if cls is KerasOptimizer and isinstance(keras_optimizer, keras.optimizers.Optimizer):
+            cls = _named_class(type(keras_optimizer).__name__)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        keras_optimizer: Any,
+        variables: Sequence[Any],
+        model_variables: Sequence[Any] | None = None,
+    ) -> None:
         if not isinstance(keras_optimizer, keras.optimizers.Optimizer):
             raise KerasLightningTypeError(
                 "KerasOptimizer expects a keras.optimizers.Optimizer; received "
@@ -97,42 +198,29 @@ class KerasOptimizer(torch.optim.Optimizer):
         self.keras_optimizer = keras_optimizer
         self.variables = variables
         self._params = [parameter_of(v) for v in variables]
+        self._variable_of = {
+            id(parameter_of(v)): v for v in [*(model_variables or ()), *variables]
+        }
         check_optimizer_dtype(keras_optimizer, self._params[0].dtype)
         # Keras optimizer variables (iterations, learning rate, slots built on the first
         # apply) live on the device of the weights, whatever Keras' default device is.
         self._device = self._params[0].device
         place_variables(keras_optimizer.variables, self._device)
         self._scoped: bool | None = None
-        self._update_path: str | None = None  # decided once the Keras optimizer is built
-        self._direct_update: DirectUpdate | None = None
-        self._lr_is_schedule = isinstance(
-            _private.learning_rate_spec(keras_optimizer),
-            keras.optimizers.schedules.LearningRateSchedule,
-        )
-        lr = self._current_keras_lr()
+        self._updates = [_Update(keras_optimizer, variables, 0)]
+        lr = self._updates[0].current_lr()
         super().__init__(self._params, {"lr": lr, **_hyperparameters_of(keras_optimizer)})
-        self._synced_lr: float | None = None if self._lr_is_schedule else lr
-        self._synced_hyperparameters = _hyperparameters_of(keras_optimizer)
-
-    def _current_keras_lr(self) -> float:
-        return float(keras.ops.convert_to_numpy(self.keras_optimizer.learning_rate))
+        self._layout = self._current_layout()
 
     @property
     def lr_is_schedule(self) -> bool:
         """True when the Keras optimizer's learning rate is a ``LearningRateSchedule``."""
-        return self._lr_is_schedule
+        return self._updates[0].lr_is_schedule
 
-    def _sync_lr_to_keras(self) -> None:
-        group = self.param_groups[0]
-        lr = group["lr"]
-        if not self._lr_is_schedule and lr != self._synced_lr:
-            self.keras_optimizer.learning_rate = float(lr)
-            self._synced_lr = lr
-        # momentum / betas / weight_decay a scheduler (OneCycleLR's cycle_momentum) wrote
-        for key, value in self._synced_hyperparameters.items():
-            if group.get(key, value) != value:
-                _set_hyperparameter(self.keras_optimizer, key, group[key])
-                self._synced_hyperparameters[key] = group[key]
+    @property
+    def keras_optimizers(self) -> list[Any]:
+        """Every Keras optimizer this one drives: the given one first, then one per later set."""
+        return [update.keras_optimizer for update in self._updates]
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run ``closure`` (forward and backward) if given, then apply the Keras update."""
@@ -140,18 +228,86 @@ class KerasOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_lr_to_keras()
-        grads, variables = [], []
-        for param, variable in zip(self._params, self.variables, strict=True):
-            if param.grad is not None:
-                grads.append(param.grad)
-                variables.append(variable)
-        if grads:
-            with torch.no_grad(), self._keras_scope():
-                self._apply(grads, variables)
-        if self._lr_is_schedule:
-            self.param_groups[0]["lr"] = self._current_keras_lr()
+        if self._current_layout() != self._layout:
+            self._follow_param_groups()
+        groups = self.param_groups
+        with torch.no_grad(), self._keras_scope():
+            for update in self._updates:
+                update.sync(groups[update.group])
+                update.step()
+        for update in self._updates:
+            if update.lr_is_schedule:
+                groups[update.group]["lr"] = update.current_lr()
         return loss
+
+    def _current_layout(self) -> tuple[int, ...]:
+        return (id(self.param_groups), *(len(group["params"]) for group in self.param_groups))
+
+    def _follow_param_groups(self) -> None:
+        """Match the Keras optimizers to ``param_groups`` after a group was added or changed.
+
+        Variables that stay in their group keep their Keras optimizer and its state; those that
+        left a group are dropped from its optimizers; each group's new variables get a Keras
+        optimizer of the first one's class and config at the group's ``lr`` (or the first one
+        itself, where it already holds slots for all of them).
+        """
+        kept: list[_Update] = []
+        for group_index, group in enumerate(self.param_groups):
+            ids = [id(p) for p in group["params"]]
+            present = set(ids)
+            covered: set[int] = set()
+            for update in self._updates:
+                if update.group != group_index:
+                    continue
+                pairs = [
+                    (v, p)
+                    for v, p in zip(update.variables, update.params, strict=True)
+                    if id(p) in present
+                ]
+                if pairs or update is self._updates[0]:
+                    update.variables = [v for v, _ in pairs]
+                    update.params = [p for _, p in pairs]
+                    update.path, update.direct = None, None
+                    kept.append(update)
+                    covered.update(id(p) for _, p in pairs)
+            new = [p for p in group["params"] if id(p) not in covered]
+            if new:
+                update = self._update_for(group_index, group, new)
+                if update not in kept:
+                    kept.append(update)
+        self._updates = kept
+        self._layout = self._current_layout()
+
+    def _update_for(
+        self, group_index: int, group: dict[str, Any], params: list[Any], extend: bool = True
+    ) -> _Update:
+        variables = []
+        for param in params:
+            variable = self._variable_of.get(id(param))
+            if variable is None:
+                raise ConfigurationError(
+                    f"A tensor of shape {tuple(param.shape)} was added to param group "
+                    f"#{group_index} of the Keras optimizer "
+                    f"({type(self.keras_optimizer).__name__}), but it is not a variable of the "
+                    "Keras model, so a Keras optimizer cannot update it. Train torch "
+                    "parameters with a torch optimizer (optimizer=torch.optim.Adam), or add "
+                    "only the Keras model's weights (module.model.<layer>.parameters())."
+                )
+            variables.append(variable)
+        first = self._updates[0]
+        if (
+            extend
+            and group_index == 0
+            and first.keras_optimizer.built
+            and _private.optimizer_knows(first.keras_optimizer, variables)
+        ):
+            first.variables += variables
+            first.params += [parameter_of(v) for v in variables]
+            return first
+        with self._keras_scope():
+            keras_optimizer = _same_kind(self.keras_optimizer, float(group["lr"]))
+            place_variables(keras_optimizer.variables, self._device)
+        return _Update(keras_optimizer, variables, group_index)
 
     @property
     def update_path(self) -> str | None:
@@ -166,34 +322,11 @@ class KerasOptimizer(torch.optim.Optimizer):
 
         All three are bit-identical to ``apply`` (``tests/test_performance.py``).
         """
-        return self._update_path
+        return self._updates[0].path
 
     def _apply(self, grads: list[torch.Tensor], variables: list[Any]) -> None:
-        """``keras_optimizer.apply(grads, variables)``, by the shortest exact path.
-
-        Once the optimizer is built, for an optimizer that uses ``BaseOptimizer.apply`` with
-        no loss scaling, and variables without constraints or ``overwrite_with_gradient``,
-        ``apply`` reduces to ``_backend_apply_gradients`` (the update, with clipping, weight
-        decay, EMA and gradient accumulation) and ``iterations += 1``, skipping the name
-        scopes, list copies and the variable and empty-gradient filters (``step`` filters
-        gradients already). Without clipping, EMA or accumulation, Keras' torch ``Adam`` and
-        ``SGD`` updates reduce further to their foreach ops (:mod:`keras_lightning.fast_update`).
-        """
-        optimizer = self.keras_optimizer
-        if self._update_path is None:
-            if not optimizer.built:
-                optimizer.apply(grads, variables)  # builds the slots; decide next time
-                return
-            self._update_path = update_path_for(optimizer, self.variables)
-            if self._update_path in DirectUpdate.KINDS:
-                self._direct_update = DirectUpdate(optimizer, self.variables, self._update_path)
-        path = self._update_path if optimizer.loss_scale_factor is None else "apply"
-        if path == "apply":
-            optimizer.apply(grads, variables)
-        elif path != "short" and self._direct_update is not None and self._direct_update.applies():
-            self._direct_update(grads, variables)
-        else:  # "short", or clipping, EMA or accumulation switched on after "adam" / "sgd"
-            _private.backend_apply_gradients(optimizer, grads, variables)
+        """The first Keras optimizer's update of ``variables`` (used by the tests)."""
+        self._updates[0].apply(grads, variables)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients (``set_to_none=True``, the default) or zero them in place.
@@ -204,55 +337,150 @@ class KerasOptimizer(torch.optim.Optimizer):
         if not set_to_none:
             super().zero_grad(set_to_none=False)
             return
-        for param in self._params:
-            param.grad = None
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad = None
 
     def _keras_scope(self) -> Any:
         """Keras on the weights' device (they may have moved since construction)."""
         device = self._params[0].device
         if device != self._device:
             self._device = device
-            place_variables(self.keras_optimizer.variables, device)
+            for update in self._updates:
+                place_variables(update.keras_optimizer.variables, device)
             self._scoped = None
         if self._scoped is None:
             self._scoped = not same_device(device, keras_default_device())
         return keras_device(device) if self._scoped else contextlib.nullcontext()
 
     def _ensure_built(self) -> None:
-        if not self.keras_optimizer.built:
-            with self._keras_scope():
-                self.keras_optimizer.build(self.variables)
+        with self._keras_scope():
+            for update in self._updates:
+                if not update.keras_optimizer.built:
+                    update.keras_optimizer.build(update.variables)
+
+    def _positions(self) -> dict[int, int]:
+        params = [p for group in self.param_groups for p in group["params"]]
+        return {id(p): index for index, p in enumerate(params)}
 
     def state_dict(self) -> dict[str, Any]:
-        """The Keras optimizer's variables (:mod:`keras_lightning.optimizer_state`) and the
+        """The Keras optimizers' variables (:mod:`keras_lightning.optimizer_state`) and the
         param groups.
+
+        The first Keras optimizer's state is at the top level; every later one's is under
+        ``"keras_lightning_updates"`` with its group and the positions of its parameters.
         """
+        if self._current_layout() != self._layout:
+            self._follow_param_groups()
         self._ensure_built()
-        return {
-            "state": {},
-            "param_groups": [
+        positions = self._positions()
+        state: dict[str, Any] = {"state": {}, "param_groups": []}
+        start = 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            state["param_groups"].append(
                 {key: value for key, value in group.items() if key != "params"}
-                | {"params": list(range(len(self._params)))}
-                for group in self.param_groups
-            ],
-            **optimizer_state.capture(self.keras_optimizer),
-        }
+                | {"params": list(range(start, start + count))}
+            )
+            start += count
+        state.update(optimizer_state.capture(self.keras_optimizer))
+        state[_UPDATES] = [
+            {
+                "group": update.group,
+                "params": [positions[id(p)] for p in update.params],
+                **({} if index == 0 else optimizer_state.capture(update.keras_optimizer)),
+            }
+            for index, update in enumerate(self._updates)
+        ]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; the Keras optimizer is built if needed.
+        """Restore what :meth:`state_dict` saved; the Keras optimizers are built if needed.
 
         Raises:
-            CheckpointError: Another optimizer type or model wrote the state; nothing is
-                changed then.
+            CheckpointError: Another optimizer type or model wrote the state, or its param
+                groups hold other numbers of parameters; nothing is changed then.
 
         """
+        saved_groups = state_dict["param_groups"]
+        sizes = [len(group["params"]) for group in self.param_groups]
+        saved_sizes = [len(group["params"]) for group in saved_groups]
+        if _UPDATES in state_dict and sizes != saved_sizes:
+            raise CheckpointError(
+                f"The checkpoint's {type(self.keras_optimizer).__name__} has param groups of "
+                f"{saved_sizes} parameters, this one {sizes}: the weights that train differ "
+                "(a layer frozen or unfrozen, or a param group added by a callback such as "
+                "BackboneFinetuning, which must be passed again to resume). Resume with the "
+                "same callbacks and the same layers trainable."
+            )
+        if self._current_layout() != self._layout:
+            self._follow_param_groups()
+        updates = self._updates
+        saved_updates = state_dict.get(_UPDATES)
+        if saved_updates is not None:
+            updates = self._updates_like(saved_updates)
+        self._updates = updates
         self._ensure_built()
-        optimizer_state.restore(self.keras_optimizer, state_dict)
-        for group, saved_group in zip(self.param_groups, state_dict["param_groups"], strict=False):
+        pairs = [(updates[0], state_dict)]
+        pairs += [(u, s) for u, s in zip(updates[1:], (saved_updates or [])[1:], strict=True)]
+        for update, saved in pairs:
+            optimizer_state.check(update.keras_optimizer, saved, "The Keras optimizer")
+        for update, saved in pairs:
+            optimizer_state.restore(update.keras_optimizer, saved)
+            update.synced_lr = None
+        for group, saved_group in zip(self.param_groups, saved_groups, strict=False):
             for key, value in saved_group.items():
                 if key != "params":
                     group[key] = value
-        self._synced_lr = None
+        self._layout = self._current_layout()
+
+    def _updates_like(self, saved_updates: Sequence[Mapping[str, Any]]) -> list[_Update]:
+        """Keras optimizers laid out over the parameters as in the saved state."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        first = self._updates[0]
+        updates = []
+        for index, saved in enumerate(saved_updates):
+            chosen = [params[i] for i in saved["params"]]
+            group_index = int(saved["group"])
+            if index == 0:
+                first.variables = [self._variable_of[id(p)] for p in chosen]
+                first.params = list(chosen)
+                first.path, first.direct = None, None
+                updates.append(first)
+            else:
+                group = self.param_groups[group_index]
+                updates.append(self._update_for(group_index, group, chosen, extend=False))
+        return updates
+
+
+_UPDATES = "keras_lightning_updates"
+
+
+def _named_class(name: str) -> type[KerasOptimizer]:
+    """The :class:`KerasOptimizer` subclass named ``name`` (made once, picklable)."""
+    found = _ByKerasClass.__dict__.get(name)
+    if found is None:
+        found = type(name, (KerasOptimizer,), {"__module__": __name__})
+        found.__qualname__ = f"_ByKerasClass.{name}"
+        found.__doc__ = f"A KerasOptimizer driving a Keras {name}."
+        setattr(_ByKerasClass, name, found)
+    return found
+
+
+def _same_kind(keras_optimizer: Any, lr: float) -> Any:
+    """A new Keras optimizer of ``keras_optimizer``'s class and config, at learning rate ``lr``."""
+    config = dict(keras_optimizer.get_config())
+    config["learning_rate"] = lr
+    try:
+        return type(keras_optimizer).from_config(config)
+    except Exception as error:  # noqa: BLE001 (a user's class may raise anything)
+        raise ConfigurationError(
+            f"Parameters were added to the {type(keras_optimizer).__name__} optimizer (a new "
+            "param group, or layers unfrozen during training); they need a second Keras "
+            f"optimizer of the same class, built from get_config(), which failed: {error}. "
+            "Give the optimizer class a get_config() that from_config() accepts, or use a "
+            "built-in Keras optimizer."
+        ) from error
 
 
 def _hyperparameters_of(optimizer: Any) -> dict[str, Any]:
@@ -297,14 +525,15 @@ def resolve_optimizer(
     if isinstance(spec, type) and issubclass(spec, keras.optimizers.Optimizer):
         example = f"keras.optimizers.{spec.__name__}(1e-3) or '{spec.__name__.lower()}'"
         raise class_given(argument, spec, example)
+    trainable = training_variables(model)
     if isinstance(spec, str):
-        return KerasOptimizer(_keras_optimizer_from_name(spec, argument), model.trainable_variables)
+        spec = _keras_optimizer_from_name(spec, argument)
     if isinstance(spec, keras.optimizers.Optimizer):
-        return KerasOptimizer(spec, model.trainable_variables)
+        return KerasOptimizer(spec, trainable, model.variables)
     if isinstance(spec, torch.optim.Optimizer):
         return spec
     if callable(spec):
-        params = [parameter_of(v) for v in model.trainable_variables]
+        params = [parameter_of(v) for v in trainable]
         optimizer = spec(params)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise KerasLightningTypeError(
@@ -319,6 +548,16 @@ def resolve_optimizer(
         "optimizer class (torch.optim.Adam) or a callable params -> torch.optim.Optimizer. "
         f"Received: {argument}={spec!r} of type {type(spec).__name__}."
     )
+
+
+def training_variables(model: Any) -> list[Any]:
+    """The variables an optimizer built now trains: Keras-trainable, and requiring gradients.
+
+    Lightning's fine-tuning callbacks freeze by ``requires_grad`` (``BaseFinetuning.freeze``)
+    before ``configure_optimizers`` and add the frozen weights as a new param group when they
+    unfreeze them, as a plain module's ``Adam(filter(lambda p: p.requires_grad, ...))`` expects.
+    """
+    return [v for v in model.trainable_variables if parameter_of(v).requires_grad]
 
 
 def _keras_optimizer_from_name(name: str, argument: str) -> Any:
@@ -355,6 +594,12 @@ def configure_builtin(
             "The Keras model has no trainable variables yet: it is not built. Give it an "
             "keras.Input, call it once on a batch, or let the Trainer build it from the "
             "first batch (pass the dataloaders to trainer.fit)."
+        )
+    if not training_variables(model):
+        raise ConfigurationError(
+            "Every trainable variable of the Keras model has requires_grad=False (frozen "
+            "with torch, e.g. by a fine-tuning callback's freeze_before_training), so the "
+            "optimizer would have nothing to train. Leave some weights (the head) unfrozen."
         )
     optimizer = resolve_optimizer(spec, model)
     if lr_override is not None:
@@ -499,9 +744,10 @@ def _call_scheduler(factory: Any, optimizer: torch.optim.Optimizer) -> Any:
         scheduler,
         torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
     ):
+        kind = "an optimizer, " if isinstance(scheduler, torch.optim.Optimizer) else ""
         raise KerasLightningTypeError(
             "`lr_scheduler` was called with the optimizer and returned "
-            f"{type(scheduler).__name__}, not a torch LR scheduler. Return e.g. "
+            f"{kind}{type(scheduler).__name__}, not a torch LR scheduler. Return e.g. "
             "torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)."
         )
     return scheduler
@@ -537,3 +783,65 @@ def finalize_keras_optimizers(optimizers: Sequence[Any], model: Any, own_step: b
                 stacklevel=2,
             )
 
+
+
+class LaterTrainable:
+    """Weights that start to train after the optimizer was built join its first param group.
+
+    The module's optimizer is built over the weights that train when ``configure_optimizers``
+    runs. A weight unfrozen later by anything but a new param group (``layer.trainable = True``
+    in a callback, ``requires_grad_(True)``) would otherwise get gradients and never be
+    updated; before each training batch, such weights are appended to the first optimizer's
+    first param group (a Keras optimizer gives them their own Keras optimizer of the same
+    class), as in a plain module whose optimizer was built over ``self.parameters()``. Their
+    positions go into checkpoints, so a resumed run's param groups match the saved ones.
+    """
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []  # in model.variables
+        self._layout: tuple[Any, ...] | None = None
+        self._owned: set[int] = set()
+        self._weights: list[torch.Tensor] = []
+
+    def adopt(self, optimizer: torch.optim.Optimizer, model: Any) -> None:
+        """Append to ``optimizer``'s first group the float weights that need it (cheap if none)."""
+        groups = optimizer.param_groups
+        layout = (id(optimizer), id(groups), *(len(group["params"]) for group in groups))
+        if layout != self._layout:
+            self._owned = {id(p) for group in groups for p in group["params"]}
+            self._weights = [
+                parameter_of(v) for v in model.variables if parameter_of(v).is_floating_point()
+            ]
+            self._layout = layout
+        new = [p for p in self._weights if p.requires_grad and id(p) not in self._owned]
+        if not new:
+            return
+        self._append(optimizer, model, new)
+        names = {id(parameter_of(v)): v.path for v in model.variables}
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+        rank_zero_info(
+            f"{len(new)} weights of the Keras model started to train after the optimizer was "
+            f"built ({', '.join(names[id(p)] for p in new[:4])}{', ...' if len(new) > 4 else ''}); "
+            f"they join param group 0 of {type(optimizer).__name__}, at its learning rate. To "
+            "give them their own, add them as a param group (what Lightning's "
+            "BackboneFinetuning does)."
+        )
+
+    def restore(self, optimizer: torch.optim.Optimizer, model: Any) -> None:
+        """Append the weights a resumed run had appended, so the param groups match."""
+        variables = model.variables
+        params = [parameter_of(variables[i]) for i in self.positions if i < len(variables)]
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = [p for p in params if id(p) not in owned]
+        if params:
+            self._append(optimizer, model, params, record=False)
+
+    def _append(
+        self, optimizer: torch.optim.Optimizer, model: Any, params: list[Any], record: bool = True
+    ) -> None:
+        optimizer.param_groups[0]["params"].extend(params)
+        if record:
+            index_of = {id(parameter_of(v)): i for i, v in enumerate(model.variables)}
+            self.positions += [index_of[id(p)] for p in params]
+        self._layout = None

@@ -228,7 +228,7 @@ def test_an_lr_scheduler_factory_must_return_a_torch_scheduler() -> None:
     )
     with pytest.raises(
         kl.KerasLightningTypeError,
-        match="`lr_scheduler` was called with the optimizer and returned KerasOptimizer",
+        match="`lr_scheduler` was called with the optimizer and returned an optimizer, SGD",
     ):
         make_trainer(max_steps=1).fit(module, loader(x, y))
 

@@ -138,23 +138,44 @@ def test_a_torchmetric_in_weighted_metrics_is_refused_not_silently_unweighted():
         )
 
 
-def test_learning_rate_monitor_logs_what_a_plain_module_logs(tmp_path):
+def _lr_monitor_rows(module, tmp_path) -> list[dict[str, str]]:
+    import csv
+
     monitor = LearningRateMonitor(logging_interval="step", log_momentum=True, log_weight_decay=True)
-    module = _module(keras.optimizers.AdamW(1e-3, beta_1=0.8, weight_decay=0.01))
     trainer = make_trainer(
         max_epochs=1, callbacks=[monitor], logger=CSVLogger(tmp_path), log_every_n_steps=1
     )
     trainer.fit(module, _classification())
-    import csv
-
     with open(f"{trainer.logger.log_dir}/metrics.csv") as file:
-        rows = [row for row in csv.DictReader(file) if row.get("lr-KerasOptimizer")]
-    # a plain module logs lr-Adam / lr-AdamW: here the adapter's class name shows in the key
-    name = "lr-KerasOptimizer"
-    assert len(rows) == trainer.global_step
-    assert float(rows[0][name]) == pytest.approx(1e-3)
-    assert float(rows[0][f"{name}-momentum"]) == pytest.approx(0.8)  # beta_1, as torch's betas[0]
-    assert float(rows[0][f"{name}-weight_decay"]) == pytest.approx(0.01)
+        return [row for row in csv.DictReader(file) if any(k.startswith("lr-") and v for k, v in row.items())]
+
+
+class _PlainAdamW(_Plain):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, betas=(0.8, 0.999), weight_decay=0.01)
+
+
+def test_learning_rate_monitor_logs_what_a_plain_module_logs(tmp_path):
+    ours = _lr_monitor_rows(
+        _module(keras.optimizers.AdamW(1e-3, beta_1=0.8, weight_decay=0.01)), tmp_path / "ours"
+    )
+    plain = _lr_monitor_rows(_PlainAdamW(), tmp_path / "plain")
+    keys = {k for k in plain[0] if k.startswith("lr-")}
+    assert keys == {"lr-AdamW", "lr-AdamW-momentum", "lr-AdamW-weight_decay"}
+    assert {k for k in ours[0] if k.startswith("lr-")} == keys  # the same keys, not lr-KerasOptimizer
+    assert len(ours) == len(plain) == 32
+    for key in keys:
+        assert float(ours[0][key]) == pytest.approx(float(plain[0][key]))  # 1e-3, beta_1, decay
+
+
+def test_a_keras_optimizer_pickles_under_its_keras_class_name():
+    import pickle
+
+    adapter = kl.KerasOptimizer(keras.optimizers.Adam(1e-2), mlp(hidden=4).trainable_variables)
+    assert type(adapter).__name__ == "Adam" and isinstance(adapter, kl.KerasOptimizer)
+    assert type(kl.KerasOptimizer(keras.optimizers.Adam(), mlp(hidden=4).trainable_variables)) is type(adapter)
+    assert type(pickle.loads(pickle.dumps(type(adapter)))) is type(type(adapter))
+    assert pickle.loads(pickle.dumps(type(adapter))) is type(adapter)
 
 
 def test_a_momentum_cycling_scheduler_reaches_the_keras_optimizer():

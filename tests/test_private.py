@@ -167,6 +167,20 @@ def test_flatten_layers_and_seed_generators():
     assert _private.seed_generators_of(model.layers[1]) == []
 
 
+def test_weights_that_can_train_keep_frozen_weights_and_drop_state():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(), keras.layers.Dropout(0.5)]
+    )
+    dense, batchnorm = model.layers[0], model.layers[1]
+    dense.trainable = False  # frozen: still a weight that can train
+    found = _private.weights_that_can_train(model)
+    expected = [dense.kernel, dense.bias, batchnorm.gamma, batchnorm.beta]
+    assert [id(v) for v in found] == [id(v) for v in expected]
+    assert model.trainable_weights == [batchnorm.gamma, batchnorm.beta]  # the public lists differ
+    assert len(model.variables) == 7  # + moving mean, moving variance, the seed state
+
+
 def test_compile_config_holds_the_compile_arguments():
     model = mlp(hidden=3)
     assert _private.compile_config(model) == {}
