@@ -48,7 +48,14 @@ import torch
 if TYPE_CHECKING:
     from keras_lightning.module import KerasLightningModule
 
-__all__ = ["STAGE_PREFIX", "Arguments", "BuiltinSteps", "step_loss_wanted"]
+__all__ = [
+    "STAGE_PREFIX",
+    "Arguments",
+    "BuiltinSteps",
+    "dataloader_count",
+    "ends_dataloader",
+    "step_loss_wanted",
+]
 
 #: Prefix of every logged name, per stage (Keras' ``val_`` convention).
 STAGE_PREFIX = {"train": "", "val": "val_", "test": "test_"}
@@ -90,6 +97,36 @@ def step_loss_wanted(trainer: Any, batch_idx: int) -> bool:
     return _private.logger_writes_this_step(trainer)
 
 
+def dataloader_count(trainer: Any, stage: str) -> int:
+    """How many dataloaders the ``"val"`` / ``"test"`` stage runs (0 when unknown)."""
+    if trainer is None or stage not in ("val", "test"):
+        return 0
+    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+    if loaders is None:
+        return 0
+    return len(loaders) if isinstance(loaders, list | tuple | Mapping) else 1
+
+
+def ends_dataloader(trainer: Any, stage: str, batch_idx: int, dataloader_idx: int) -> bool:
+    """True on the last batch of one of several validation / test dataloaders, where known.
+
+    Values logged in that step are the dataloader's, as Lightning treats a plain module's
+    step logs: suffixed ``/dataloader_idx_i`` and returned in the ``i``-th dict of
+    ``trainer.validate`` / ``trainer.test``. Unknown for dataloaders without a length.
+    """
+    if dataloader_count(trainer, stage) < 2:
+        return False
+    if stage == "test":
+        counts = trainer.num_test_batches
+    elif trainer.sanity_checking:
+        counts = trainer.num_sanity_val_batches
+    else:
+        counts = trainer.num_val_batches
+    if dataloader_idx >= len(counts) or counts[dataloader_idx] == float("inf"):
+        return False
+    return batch_idx + 1 == counts[dataloader_idx]
+
+
 class BuiltinSteps:
     """Forward, loss and metrics of the configured arguments, for every stage.
 
@@ -113,6 +150,10 @@ class BuiltinSteps:
         self.compiled_step: CompiledStep | None = None
         self.objective: Objective | None = None
         self.stages = {stage: EpochState(prefix) for stage, prefix in STAGE_PREFIX.items()}
+        # several validation / test dataloaders: the states of dataloader 1, 2, ... of a stage
+        self.more_loaders: dict[str, dict[int, EpochState]] = {"val": {}, "test": {}}
+        self._loader = {"val": 0, "test": 0}  # the dataloader the stage runs now
+        self._logged_loaders: dict[str, set[int]] = {"val": set(), "test": set()}
         self._own_snapshot: list[tuple[Any, torch.Tensor]] | None = None
         # None: the configured objective; else the model's compute_loss, True when it takes
         # `training` (decided on the first batch, outside any compiled region)
@@ -211,8 +252,12 @@ class BuiltinSteps:
     # ------------------------------------------------------------ metrics
 
     def stage_state(self, stage: str, y_pred: Any, y: Any) -> EpochState:
-        """The stage's epoch state, its metrics bound to the outputs on the first batch."""
-        state = self.stages[stage]
+        """The stage's epoch state, its metrics bound to the outputs on the first batch.
+
+        Each validation / test dataloader has its own (its metrics are copies of the
+        configured ones), as Lightning keeps each dataloader's logged values apart.
+        """
+        state = self._current_state(stage)
         if state.metrics is not None:
             return state
         arguments = self.arguments
@@ -302,9 +347,35 @@ class BuiltinSteps:
             self.host.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
-    def evaluation_step(self, batch: Any, stage: str) -> torch.Tensor:
-        """Forward (``training=False``), loss and metrics on ``batch``."""
-        return self._shared_step(batch, stage)
+    def evaluation_step(
+        self, batch: Any, stage: str, batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> torch.Tensor:
+        """Forward (``training=False``), loss and metrics on ``batch`` of that dataloader.
+
+        With several dataloaders, the last batch of each logs that dataloader's epoch values
+        (:func:`ends_dataloader`).
+        """
+        self._loader[stage] = dataloader_idx
+        loss = self._shared_step(batch, stage)
+        trainer = _private.attached_trainer(self.host)
+        if ends_dataloader(trainer, stage, batch_idx, dataloader_idx):
+            state = self._current_state(stage)
+            with self.host.keras_scope():
+                values = state.compute(collectives.is_distributed())
+            for name, value in values.items():  # Lightning adds /dataloader_idx_<i>
+                bar = name == f"{STAGE_PREFIX[stage]}loss"
+                self.host.log(name, value.to(self.host.device), prog_bar=bar, on_epoch=True)
+            self._logged_loaders[stage].add(dataloader_idx)
+        return loss
+
+    def _current_state(self, stage: str) -> EpochState:
+        index = self._loader.get(stage, 0)
+        if index == 0:
+            return self.stages[stage]
+        states = self.more_loaders[stage]
+        if index not in states:
+            states[index] = EpochState(STAGE_PREFIX[stage])
+        return states[index]
 
     # ------------------------------------------------------------ epochs
 
@@ -318,6 +389,11 @@ class BuiltinSteps:
         model = self.host._require_model()
         with self.host.keras_scope():  # Keras metric resets create tensors
             self.stages[stage].reset()
+            if stage in self._loader:
+                self._loader[stage] = 0
+                self._logged_loaders[stage] = set()
+                for state in self.more_loaders[stage].values():
+                    state.reset()
             own = own_metrics(model)
             if own:
                 if stage == "val" and _private.fitting(_private.attached_trainer(self.host)):
@@ -330,13 +406,26 @@ class BuiltinSteps:
 
         The model's own metrics are logged under their names, as Keras' History holds them
         (one of the same name as a value of the module's, a ``loss`` tracker, wins, as in
-        Keras' logs).
+        Keras' logs). With several validation / test dataloaders, each one's values are logged
+        with Lightning's suffix (``val_loss/dataloader_idx_1``): at the dataloader's last batch
+        where its length is known (:func:`ends_dataloader`), else here. The model's own
+        metrics are pooled over them.
         """
         model = self.host._require_model()
         prefix = STAGE_PREFIX[stage]
         distributed = collectives.is_distributed()
+        loaders = {0: self.stages[stage], **self.more_loaders.get(stage, {})}
+        trainer = _private.attached_trainer(self.host)
+        several = len(loaders) > 1 or dataloader_count(trainer, stage) > 1
+        logged = self._logged_loaders.get(stage, set())
+        values: dict[str, torch.Tensor] = {}
         with self.host.keras_scope():  # Keras metric results are computed with Keras ops
-            values = self.stages[stage].compute(distributed)
+            for index, state in sorted(loaders.items()):
+                if index in logged:  # logged at its last batch
+                    continue
+                suffix = f"/dataloader_idx_{index}" if several else ""
+                for name, value in state.compute(distributed).items():
+                    values[name + suffix] = value
             own = own_metrics(model)
             if own:
                 if distributed:
@@ -344,9 +433,11 @@ class BuiltinSteps:
                 logs, _ = scalar_logs(metric_results(own))
                 values.update({prefix + name: value for name, value in logs.items()})
         for name, value in values.items():
-            bar = name == f"{prefix}loss"
+            bar = name.split("/")[0] == f"{prefix}loss"
             value = value.to(self.host.device)
-            self.host.log(name, value, prog_bar=bar, on_epoch=True, on_step=False)
+            self.host.log(
+                name, value, prog_bar=bar, on_epoch=True, on_step=False, add_dataloader_idx=False
+            )
         if stage == "val" and self._own_snapshot is not None:
             with self.host.keras_scope():
                 restore_metrics(own, self._own_snapshot)

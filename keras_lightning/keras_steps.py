@@ -12,7 +12,7 @@ checkpoints and, under DDP, averages their gradients before each ``apply``.
 from __future__ import annotations
 
 from keras_lightning import _private, collectives
-from keras_lightning.builtin_steps import step_loss_wanted
+from keras_lightning.builtin_steps import dataloader_count, ends_dataloader, step_loss_wanted
 from keras_lightning.exceptions import ConfigurationError
 from keras_lightning.keras_logs import (
     flatten_logs,
@@ -77,6 +77,9 @@ class KerasSteps:
     def __init__(self, host: KerasLightningModule) -> None:
         self.host = host
         self.logs: dict[str, dict[str, torch.Tensor]] = {}
+        self._loader: dict[str, int] = {}  # the dataloader a stage runs now
+        self._loader_values: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        self._logged_loaders: dict[str, set[int]] = {}  # logged at their last batch
         self._metric_snapshot: list[tuple[Any, torch.Tensor]] | None = None
         self._warned: set[str] = set()
 
@@ -105,14 +108,37 @@ class KerasSteps:
         for name, value in values.items():
             host.log(name, value, prog_bar=True, on_step=True, on_epoch=False)
 
-    def evaluation_step(self, batch: Any, stage: str) -> None:
-        """Run ``test_step`` on ``batch``; its last logs are the epoch's."""
+    def evaluation_step(
+        self, batch: Any, stage: str, batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> None:
+        """Run ``test_step`` on ``batch``; its last logs are the epoch's (per dataloader).
+
+        Lightning runs several dataloaders one after the other: each one's last logs are
+        logged at its last batch where its length is known (``ends_dataloader``), and
+        ``model.metrics`` are reset when the next one starts, as for a new ``evaluate()``.
+        """
         model = self._model
+        current = self._loader.get(stage, 0)
+        if dataloader_idx != current:
+            if current not in self._logged_loaders.setdefault(stage, set()):
+                self._loader_values.setdefault(stage, {})[current] = self._epoch_values(stage)
+            self._loader[stage] = dataloader_idx
+            with torch.inference_mode(False), self.host.keras_scope():
+                reset_metrics(model)
         # Lightning evaluates under inference_mode; Keras metrics built here must stay usable
         # by training later, so build and update them as normal (no-grad) tensors.
         with torch.inference_mode(False), torch.no_grad(), self.host.keras_scope():
             logs = model.test_step(as_keras_data(batch))
         self.logs[stage] = self._loggable(flatten_logs(logs, "test_step"))
+        trainer = _private.attached_trainer(self.host)
+        if ends_dataloader(trainer, stage, batch_idx, dataloader_idx):
+            prefix = {"val": "val_", "test": "test_"}[stage]
+            for name, value in self._epoch_values(stage).items():  # + /dataloader_idx_<i>
+                self.host.log(
+                    prefix + name, value, prog_bar=name == "loss", on_epoch=True,
+                    sync_dist=collectives.is_distributed(),
+                )
+            self._logged_loaders.setdefault(stage, set()).add(dataloader_idx)
 
     def _loggable(self, logs: dict[str, Any]) -> dict[str, torch.Tensor]:
         values, skipped = scalar_logs(logs)
@@ -133,6 +159,9 @@ class KerasSteps:
         """Reset ``model.metrics`` as Keras' fit / evaluate do (validation keeps train state)."""
         model = self._model
         self.logs.pop(stage, None)
+        self._loader[stage] = 0
+        self._loader_values[stage] = {}
+        self._logged_loaders[stage] = set()
         trainer = _private.attached_trainer(self.host)
         if stage == "val" and _private.fitting(trainer):
             # Keras shares model.metrics between train and evaluation; keep the training
@@ -144,15 +173,24 @@ class KerasSteps:
         """Log the step's last values at epoch level (Keras' History / evaluate value)."""
         prefix = {"train": "", "val": "val_", "test": "test_"}[stage]
         distributed = collectives.is_distributed()
-        for name, value in self._epoch_values(stage).items():
-            self.host.log(
-                prefix + name,
-                value,
-                prog_bar=stage == "train" or name == "loss",
-                on_step=False,
-                on_epoch=True,
-                sync_dist=distributed,
-            )
+        loaders = dict(self._loader_values.get(stage, {}))
+        current = self._loader.get(stage, 0)
+        if current not in self._logged_loaders.get(stage, set()):
+            loaders[current] = self._epoch_values(stage)
+        trainer = _private.attached_trainer(self.host)
+        several = len(loaders) > 1 or dataloader_count(trainer, stage) > 1
+        for index, values in sorted(loaders.items()):
+            suffix = f"/dataloader_idx_{index}" if several else ""
+            for name, value in values.items():
+                self.host.log(
+                    prefix + name + suffix,
+                    value,
+                    prog_bar=stage == "train" or name == "loss",
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=distributed,
+                    add_dataloader_idx=False,
+                )
         if stage == "val" and self._metric_snapshot is not None:
             restore_metrics(list(self._model.metrics), self._metric_snapshot)
             self._metric_snapshot = None

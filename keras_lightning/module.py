@@ -295,12 +295,14 @@ class KerasLightningModule(LightningSideHelpers):
         return self._steps("train").training_step(batch, batch_idx)
 
     @override
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        return self._steps("val").evaluation_step(batch, "val")
+    def validation_step(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> torch.Tensor | None:
+        return self._steps("val").evaluation_step(batch, "val", batch_idx, dataloader_idx)
 
     @override
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        return self._steps("test").evaluation_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
+        return self._steps("test").evaluation_step(batch, "test", batch_idx, dataloader_idx)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:

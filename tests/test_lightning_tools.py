@@ -208,3 +208,91 @@ def test_a_momentum_cycling_scheduler_reaches_the_keras_optimizer():
         cycle.step()
     # the Keras beta_1 each step used is the one torch's Adam used at the same step
     assert len(seen) == 32 and seen == pytest.approx(expected, rel=1e-9)
+
+
+# ---------------------------------------------------------------------- several dataloaders
+
+
+def _two_sets():
+    def make(n, seed):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(n, 64)).astype("float32")
+        return x, x[:, :10].argmax(1).astype("int64")
+
+    return make(40, 1), make(24, 2)
+
+
+class _PlainEval(_Plain):
+    """A plain module logging its validation / test loss per dataloader, as Lightning documents."""
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        self.log("test_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+
+def _keras_eval(model, data) -> dict[str, float]:
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model.evaluate(*data, batch_size=16, verbose=0, return_dict=True)
+
+
+def test_several_validation_dataloaders_are_logged_apart_as_on_a_plain_module():
+    a, b = _two_sets()
+    module = _module("adam", metrics=["accuracy"])
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(module, _classification(64), [loader(*a, batch_size=16), loader(*b, batch_size=16)])
+    ours = trainer.validate(module, [loader(*a, batch_size=16), loader(*b, batch_size=16)], verbose=False)
+    plain = make_trainer().validate(_PlainEval(), [loader(*a, batch_size=16), loader(*b, batch_size=16)], verbose=False)
+    # the same layout as Lightning gives a plain module: one dict per dataloader, suffixed keys
+    assert [sorted(d) for d in plain] == [["val_loss/dataloader_idx_0"], ["val_loss/dataloader_idx_1"]]
+    assert [sorted(d) for d in ours] == [
+        ["val_accuracy/dataloader_idx_0", "val_loss/dataloader_idx_0"],
+        ["val_accuracy/dataloader_idx_1", "val_loss/dataloader_idx_1"],
+    ]
+    # each dataloader's values are Keras' evaluate() of that data alone, never pooled
+    for index, data in enumerate((a, b)):
+        expected = _keras_eval(module.model, data)
+        assert ours[index][f"val_loss/dataloader_idx_{index}"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert ours[index][f"val_accuracy/dataloader_idx_{index}"] == pytest.approx(expected["accuracy"])
+    assert trainer.callback_metrics["val_loss/dataloader_idx_1"] == pytest.approx(ours[1]["val_loss/dataloader_idx_1"])
+
+
+def test_several_test_dataloaders_of_a_keras_test_step_are_kept_apart():
+    from test_keras_steps import EvalStepModel
+
+    a, b = _two_sets()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,))
+    model = EvalStepModel(inputs, keras.layers.Dense(10)(inputs))
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    results = make_trainer().test(
+        kl.KerasLightningModule(model), [loader(*a, batch_size=16), loader(*b, batch_size=16)], verbose=False
+    )
+    for index, data in enumerate((a, b)):
+        expected = model.evaluate(*data, batch_size=16, verbose=0, return_dict=True)
+        assert sorted(results[index]) == [f"test_accuracy/dataloader_idx_{index}", f"test_loss/dataloader_idx_{index}"]
+        assert results[index][f"test_loss/dataloader_idx_{index}"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert results[index][f"test_accuracy/dataloader_idx_{index}"] == pytest.approx(expected["accuracy"])
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, x, y) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        for start in range(0, len(self.x), 16):
+            yield torch.as_tensor(self.x[start : start + 16]), torch.as_tensor(self.y[start : start + 16])
+
+
+def test_several_dataloaders_without_a_length_are_logged_apart_at_epoch_end():
+    a, b = _two_sets()
+    module = _module("adam")
+    trainer = make_trainer()
+    loaders = [torch.utils.data.DataLoader(_Stream(*data), batch_size=None) for data in (a, b)]
+    trainer.validate(module, loaders, verbose=False)
+    for index, data in enumerate((a, b)):
+        expected = _keras_eval(module.model, data)["loss"]
+        assert float(trainer.callback_metrics[f"val_loss/dataloader_idx_{index}"]) == pytest.approx(expected, rel=1e-5)
