@@ -24,7 +24,11 @@ from keras_lightning.exceptions import (  # noqa: E402
     ShapeMismatchError,
 )
 from keras_lightning.keras_logs import flatten_logs  # noqa: E402
-from keras_lightning.lightning_tools import KerasWeights, weights_module  # noqa: E402
+from keras_lightning.lightning_tools import (  # noqa: E402
+    KerasModelSummary,
+    KerasWeights,
+    weights_module,
+)
 from keras_lightning.losses import KerasLoss, TorchLoss, keras_loss, torch_loss  # noqa: E402
 from keras_lightning.module import KerasLightningModule  # noqa: E402
 from keras_lightning.optimizers import KerasOptimizer  # noqa: E402
@@ -44,6 +48,7 @@ __all__ = [
     "KerasLightningModule",
     "KerasLightningTypeError",
     "KerasLoss",
+    "KerasModelSummary",
     "KerasOptimizer",
     "KerasWeights",
     "ShapeMismatchError",

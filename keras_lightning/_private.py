@@ -360,6 +360,25 @@ def stage_dataloaders(trainer: Any) -> Any:
     return source.dataloader()
 
 
+def use_summary(callback: Any, summary_class: type) -> None:
+    """Make a Lightning ``ModelSummary`` callback build ``summary_class(module, max_depth)``.
+
+    The callback builds its table with its ``_summary(trainer, module)`` method (Lightning's
+    ``summarize``, or DeepSpeed's summary under ZeRO-3, left alone); one set on the instance
+    replaces it for this callback only, and a second call changes nothing.
+    """
+    if "_summary" in vars(callback):
+        return
+    original = callback._summary
+
+    def summary(trainer: Any, module: Any) -> Any:
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            return original(trainer, module)
+        return summary_class(module, max_depth=callback._max_depth)
+
+    callback._summary = summary
+
+
 def fitting(trainer: Any) -> bool:
     """True while ``trainer.fit`` runs (not validate / test / predict)."""
     return trainer is not None and str(getattr(trainer.state.fn, "value", "")) == "fit"

@@ -20,6 +20,7 @@ from keras_lightning.keras_model import adopt_compile_config, as_keras_data, ove
 from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkpoint
 from keras_lightning.lifecycle import RUNNING_HOOKS, guard_hooks
 from keras_lightning.lightning_side import LightningSideHelpers
+from keras_lightning.lightning_tools import show_keras_layers_in_summaries
 from keras_lightning.metrics import check_metric_spec
 from keras_lightning.optimizers import (
     LaterTrainable,
@@ -354,6 +355,7 @@ class KerasLightningModule(LightningSideHelpers):
         trainer = _private.attached_trainer(self)
         if trainer is not None:  # before Lightning calls any callback hook
             check_trainer_callbacks(trainer.callbacks)
+            show_keras_layers_in_summaries(trainer.callbacks)  # rows per Keras layer
 
     @override
     def on_train_start(self) -> None:

@@ -296,3 +296,72 @@ def test_several_dataloaders_without_a_length_are_logged_apart_at_epoch_end():
     for index, data in enumerate((a, b)):
         expected = _keras_eval(module.model, data)["loss"]
         assert float(trainer.callback_metrics[f"val_loss/dataloader_idx_{index}"]) == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------- ModelSummary
+
+
+def _summarized_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    backbone = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, name="d1"), keras.layers.BatchNormalization(name="bn"),
+         keras.layers.Dropout(0.1, seed=1, name="drop")],
+        name="backbone",
+    )
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(backbone(inputs)))
+
+
+class _SummaryRecorder(L.Callback):
+    """Reads what the Trainer's summary callback builds, as it builds it."""
+
+    def __init__(self, summary_callback) -> None:
+        self.summary_callback = summary_callback
+        self.summary = None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.summary = self.summary_callback._summary(trainer, pl_module)
+
+
+@pytest.mark.parametrize("rich", [False, True], ids=["ModelSummary", "RichModelSummary"])
+def test_model_summary_has_a_row_per_keras_layer_with_keras_counts(rich):
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+
+    model = _summarized_model()
+    model.get_layer("backbone").get_layer("d1").trainable = False
+    callback = (RichModelSummary if rich else ModelSummary)(max_depth=3)
+    recorder = _SummaryRecorder(callback)
+    module = kl.KerasLightningModule(model, optimizer="adam", loss="mse")
+    x = np.zeros((16, 8), "float32")
+    make_trainer(max_steps=1, callbacks=[callback, recorder], enable_model_summary=True).fit(
+        module, loader(x, np.zeros((16, 3), "float32"), batch_size=8)
+    )
+    summary = recorder.summary
+    backbone = model.get_layer("backbone")
+    expected = {
+        "model": ("Functional", model.count_params()),
+        f"model.{model.layers[0].name}": ("InputLayer", 0),
+        "model.backbone": ("Sequential", backbone.count_params()),
+        "model.backbone.d1": ("Dense", backbone.get_layer("d1").count_params()),
+        "model.backbone.bn": ("BatchNormalization", backbone.get_layer("bn").count_params()),
+        "model.backbone.drop": ("Dropout", 0),
+        "model.head": ("Dense", model.get_layer("head").count_params()),
+    }
+    rows = {n: (t, p) for n, t, p in zip(summary.layer_names, summary.layer_types, summary.param_nums, strict=True)}
+    assert {n: rows[n] for n in expected} == expected
+    assert "torchmetrics" in rows and not any("_torch_params" in n for n in rows)
+    # Keras' own totals: weights and moving statistics, no seed state; frozen d1 not trainable
+    assert summary.total_parameters == model.count_params() == 259
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert summary.trainable_parameters == trainable == 259 - 144 - 32
+    # Lightning's own summary of the same module counts Keras internals and the seed
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    assert summarize(module, max_depth=1).total_parameters == model.count_params() + 2
+
+
+def test_model_summary_depth_one_lists_the_keras_model_and_prints():
+    module = kl.KerasLightningModule(_summarized_model(), optimizer="adam", loss="mse")
+    summary = kl.KerasModelSummary(module, max_depth=1)
+    assert summary.layer_names == ["model", "torchmetrics"]
+    assert "Functional" in str(summary)

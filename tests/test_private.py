@@ -485,3 +485,22 @@ def test_iter_private_names_lists_the_public_functions():
     names = set(_private.iter_private_names())
     assert {"parameter_of", "direct_update_kind", "count_manual_optimizer_step"} <= names
     assert all(inspect.isfunction(getattr(_private, n)) for n in names)
+
+
+def test_use_summary_replaces_one_callbacks_summary_once():
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelSummary
+
+    class Marker:
+        def __init__(self, module, max_depth):
+            self.module, self.max_depth = module, max_depth
+
+    callback, other = ModelSummary(max_depth=3), ModelSummary()
+    _private.use_summary(callback, Marker)
+    first = callback._summary
+    _private.use_summary(callback, Marker)
+    assert callback._summary is first  # a second call changes nothing
+    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    made = callback._summary(trainer, "module")
+    assert isinstance(made, Marker) and made.max_depth == 3 and made.module == "module"
+    assert "_summary" not in vars(other)  # other callbacks keep Lightning's
