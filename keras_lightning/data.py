@@ -8,7 +8,76 @@ from keras_lightning.exceptions import BatchError, ConfigurationError, ShapeMism
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+
+#: The keys of a dict batch that holds the parts of a batch, not the model's inputs.
+BATCH_KEYS = ("x", "y", "sample_weight")
+
+
+def standard_batch(batch: Any, device: Any = None, model: Any = None) -> Any:
+    """The batch as the steps take it: tensors on ``device``, ``(x, y[, sample_weight])``.
+
+    The one place where batches become tensors, for every step of the module:
+
+    - NumPy arrays (a ``DataLoader`` over NumPy arrays with a custom ``collate_fn``, a list of
+      arrays) become torch tensors on ``device``; floating arrays take Keras' ``floatx``, as
+      Keras' ``fit`` converts them (a torch loss then gets what a Keras loss gets);
+    - a dict batch keyed ``"x"``, ``"y"`` (and ``"sample_weight"``) is those parts, unless
+      the model has an input named ``"y"`` (then the dict is the model's inputs, as in Keras).
+
+    Example:
+        >>> import numpy as np
+        >>> x, y = standard_batch({"x": np.zeros((2, 3)), "y": np.ones(2, dtype="int64")})
+        >>> x.dtype, y.dtype
+        (torch.float32, torch.int64)
+
+    """
+    if (
+        isinstance(batch, Mapping)
+        and "x" in batch
+        and "y" in batch
+        and set(batch) <= set(BATCH_KEYS)
+        and "y" not in input_names(model)
+    ):
+        batch = tuple(batch[key] for key in BATCH_KEYS if key in batch)
+    return _tensors(batch, device)
+
+
+def input_names(model: Any) -> tuple[str, ...]:
+    """The names of a Functional model's inputs (none known for a subclassed one)."""
+    try:
+        inputs = getattr(model, "inputs", None) or ()
+        return tuple(getattr(tensor, "name", "") for tensor in inputs)
+    except (AttributeError, ValueError):  # an unbuilt model has no inputs yet
+        return ()
+
+
+def _tensors(value: Any, device: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        if tensor.is_floating_point():
+            tensor = tensor.to(_floatx())
+        return tensor if device is None else tensor.to(device)
+    if isinstance(value, list | tuple):
+        converted = [_tensors(item, device) for item in value]
+        if all(a is b for a, b in zip(converted, value, strict=True)):
+            return value
+        return type(value)(converted) if isinstance(value, tuple) else converted
+    if isinstance(value, Mapping):
+        items = {key: _tensors(item, device) for key, item in value.items()}
+        if all(items[key] is value[key] for key in value):
+            return value
+        return items
+    return value
+
+
+def _floatx() -> torch.dtype:
+    import keras
+
+    return getattr(torch, keras.config.floatx())
 
 
 def unpack_batch(batch: Any) -> tuple[Any, Any, Any]:

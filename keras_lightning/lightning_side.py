@@ -11,7 +11,7 @@ module's built-in step strategy.
 from __future__ import annotations
 
 from keras_lightning import _private
-from keras_lightning.data import unpack_batch
+from keras_lightning.data import standard_batch, unpack_batch
 from keras_lightning.exceptions import ConfigurationError
 
 import warnings
@@ -145,10 +145,17 @@ class LightningSideHelpers(L.LightningModule):
             )
         self._builtin.update_metrics(stage, y_pred, y, sample_weight, loss)
 
-    @staticmethod
-    def unpack_batch(batch: Any) -> tuple[Any, Any, Any]:
-        """Split a batch into ``(x, y, sample_weight)`` as Keras' ``fit`` does."""
-        return unpack_batch(batch)
+    def _standard_batch(self, batch: Any) -> Any:
+        """NumPy arrays as tensors on this device, an ``{"x", "y"}`` dict as its parts."""
+        return standard_batch(batch, self.device, getattr(self, "model", None))
+
+    def unpack_batch(self, batch: Any) -> tuple[Any, Any, Any]:
+        """Split a batch into ``(x, y, sample_weight)`` as Keras' ``fit`` does.
+
+        NumPy arrays become tensors on the module's device and an ``{"x", "y"}`` dict gives
+        its parts, as for the built-in steps (:func:`~keras_lightning.data.standard_batch`).
+        """
+        return unpack_batch(self._standard_batch(batch))
 
 
 def running_stage(trainer: Any) -> str:

@@ -223,6 +223,7 @@ class KerasLightningModule(LightningSideHelpers):
         is called once on ``x`` instead, its ``SeedGenerator`` states put back afterwards.
         """
         model = self._require_model()
+        batch = self._standard_batch(batch)
         with torch.no_grad(), self.keras_scope():
             try:
                 own_step = overrides_step(model, "train_step") or overrides_step(
@@ -293,22 +294,25 @@ class KerasLightningModule(LightningSideHelpers):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        return self._steps("train").training_step(batch, batch_idx)
+        return self._steps("train").training_step(self._standard_batch(batch), batch_idx)
 
     @override
     def validation_step(
         self, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> torch.Tensor | None:
+        batch = self._standard_batch(batch)
         return self._steps("val").evaluation_step(batch, "val", batch_idx, dataloader_idx)
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
+        batch = self._standard_batch(batch)
         return self._steps("test").evaluation_step(batch, "test", batch_idx, dataloader_idx)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         """The model output (``training=False``), or what its own ``predict_step`` returns."""
         model = self._require_model()
+        batch = self._standard_batch(batch)
         with self.keras_scope():
             if overrides_step(model, "predict_step"):
                 return model.predict_step(as_keras_data(batch))

@@ -365,3 +365,81 @@ def test_model_summary_depth_one_lists_the_keras_model_and_prints():
     summary = kl.KerasModelSummary(module, max_depth=1)
     assert summary.layer_names == ["model", "torchmetrics"]
     assert "Functional" in str(summary)
+
+
+# ---------------------------------------------------------------------- batches
+
+
+def _arrays(n: int = 64):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, 64))  # float64, as NumPy makes them
+    return x, x[:, :10].argmax(1).astype("int64"), rng.uniform(0.5, 2.0, size=n).astype("float32")
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, keys, arrays) -> None:
+        self.keys, self.arrays = keys, arrays
+
+    def __len__(self):
+        return len(self.arrays[0])
+
+    def __getitem__(self, i):
+        return {key: array[i] for key, array in zip(self.keys, self.arrays, strict=True)}
+
+
+def _numpy_collate(items):
+    return {key: np.stack([item[key] for item in items]) for key in items[0]}
+
+
+def _trained(loss, data) -> list[np.ndarray]:
+    module = kl.KerasLightningModule(mlp(hidden=8), optimizer="adam", loss=loss)
+    make_trainer(max_epochs=1).fit(module, data)
+    return module.model.get_weights()
+
+
+@pytest.mark.parametrize("loss", ["torch", "keras"])
+def test_numpy_and_dict_batches_train_as_tuples_of_tensors(loss):
+    def make_loss():
+        if loss == "torch":
+            return torch.nn.CrossEntropyLoss(reduction="none")
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    x, y, w = _arrays()
+    keys = ("x", "y", "sample_weight")
+    reference = _trained(make_loss(), loader(x.astype("float32"), y, w, batch_size=16))
+    numpy_dicts = torch.utils.data.DataLoader(_Rows(keys, (x, y, w)), batch_size=16, collate_fn=_numpy_collate)
+    tensor_dicts = torch.utils.data.DataLoader(_Rows(keys, (x.astype("float32"), y, w)), batch_size=16)
+    for data in (numpy_dicts, tensor_dicts):
+        for got, want in zip(_trained(make_loss(), data), reference, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_a_dict_batch_is_the_inputs_of_a_model_with_an_input_named_y():
+    xa, xb = keras.Input((2,), name="x"), keras.Input((2,), name="y")
+    model = keras.Model([xa, xb], keras.layers.Dense(1)(keras.layers.Concatenate()([xa, xb])))
+    module = kl.KerasLightningModule(model)
+    batch = {"x": torch.ones(3, 2), "y": torch.zeros(3, 2)}
+    assert module._standard_batch(batch) is batch  # both inputs, as Keras' fit reads it
+    predictions = make_trainer().predict(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    assert tuple(predictions[0].shape) == (3, 1)
+
+
+def test_a_keras_train_step_receives_a_dict_batch_as_x_y():
+    seen = []
+
+    class Recording(keras.Model):
+        def train_step(self, data):
+            seen.append(type(data).__name__)
+            x, y = data
+            return super().train_step((x, y))
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,))
+    model = Recording(inputs, keras.layers.Dense(10)(inputs))
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y, _ = _arrays(32)
+    make_trainer(max_epochs=1).fit(
+        kl.KerasLightningModule(model),
+        torch.utils.data.DataLoader(_Rows(("x", "y"), (x.astype("float32"), y)), batch_size=16),
+    )
+    assert seen == ["tuple", "tuple"]
