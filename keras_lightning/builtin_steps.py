@@ -54,6 +54,7 @@ __all__ = [
     "BuiltinSteps",
     "dataloader_count",
     "ends_dataloader",
+    "log_epoch_value",
     "step_loss_wanted",
 ]
 
@@ -125,6 +126,23 @@ def ends_dataloader(trainer: Any, stage: str, batch_idx: int, dataloader_idx: in
     if dataloader_idx >= len(counts) or counts[dataloader_idx] == float("inf"):
         return False
     return batch_idx + 1 == counts[dataloader_idx]
+
+
+def log_epoch_value(host: Any, name: str, value: Any, per_step_too: bool, bar: bool) -> None:
+    """Log an epoch value; one also logged per step goes to the loggers as ``<name>_epoch``.
+
+    The training ``loss`` is logged per batch (a batch's loss) and per epoch (the exact mean
+    of the epoch): ``trainer.callback_metrics[name]`` holds the epoch value (what Keras'
+    History holds, what ``EarlyStopping(monitor="loss")`` reads), while the loggers' ``name``
+    series keeps only the step values, as for a plain module's ``self.log(name, ...)`` in its
+    step, and the epoch values get their own series (``loss_epoch``, as Lightning names them).
+    """
+    options: dict[str, Any] = {"on_epoch": True, "on_step": False, "add_dataloader_idx": False}
+    if not per_step_too:
+        host.log(name, value, prog_bar=bar, **options)
+        return
+    host.log(name, value, prog_bar=bar, logger=False, **options)
+    host.log(f"{name}_epoch", value, prog_bar=False, **options)
 
 
 class BuiltinSteps:
@@ -435,9 +453,7 @@ class BuiltinSteps:
         for name, value in values.items():
             bar = name.split("/")[0] == f"{prefix}loss"
             value = value.to(self.host.device)
-            self.host.log(
-                name, value, prog_bar=bar, on_epoch=True, on_step=False, add_dataloader_idx=False
-            )
+            log_epoch_value(self.host, name, value, stage == "train" and name == "loss", bar)
         if stage == "val" and self._own_snapshot is not None:
             with self.host.keras_scope():
                 restore_metrics(own, self._own_snapshot)

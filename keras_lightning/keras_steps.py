@@ -182,6 +182,7 @@ class KerasSteps:
         for index, values in sorted(loaders.items()):
             suffix = f"/dataloader_idx_{index}" if several else ""
             for name, value in values.items():
+                # a train value: the last step's running value, already in the step series
                 self.host.log(
                     prefix + name + suffix,
                     value,

@@ -10,7 +10,7 @@ checkpoints (:mod:`~keras_lightning.checkpoint`) and the library part of Lightni
 
 from __future__ import annotations
 
-from keras_lightning import _private, checkpoint, devices, precision, replicas
+from keras_lightning import _private, checkpoint, devices, hparams, precision, replicas
 from keras_lightning.builtin_steps import Arguments, BuiltinSteps
 from keras_lightning.callbacks import check_trainer_callbacks
 from keras_lightning.compiled import CompileStats, resolve_compile
@@ -95,7 +95,7 @@ class KerasLightningModule(LightningSideHelpers):
         ...                             enable_checkpointing=False, enable_model_summary=False)
         >>> trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
         >>> sorted(trainer.callback_metrics)
-        ['loss']
+        ['loss', 'loss_epoch']
 
     """
 
@@ -171,6 +171,7 @@ class KerasLightningModule(LightningSideHelpers):
         if self.model is not None:
             self._adopt_compile_config(self.model)
         checkpoint.register_hooks(self)  # stable state_dict keys (checkpoint/keys.py)
+        self._describe_hyperparameters()  # hparams["keras"], refreshed once the Trainer builds
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -335,9 +336,27 @@ class KerasLightningModule(LightningSideHelpers):
             if batch is not None:
                 self.build_from_batch(batch)
         _private.track_variables(self.model)  # every variable a parameter Lightning sees
+        self._describe_hyperparameters()  # for loggers: the model, before the optimizers
         trainer = _private.attached_trainer(self)
         if trainer is not None:  # before Lightning converts the module (precision.py)
             precision.check_precision(trainer.precision, self.model)
+
+    def _describe_hyperparameters(self) -> None:
+        """``hparams["keras"]``: the Keras arguments as plain values (``hparams.py``)."""
+        trainer = _private.attached_trainer(self)
+        optimizers = list(trainer.optimizers) if trainer is not None else []
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs] if trainer else []
+        description = hparams.describe(
+            self.model, self._arguments, self._builtin.compile_backend, optimizers, schedulers
+        )
+        self.save_hyperparameters({**dict(self.hparams), hparams.KEY: description})
+
+    @override
+    def on_fit_start(self) -> None:
+        pass
+
+    def _library_on_fit_start(self) -> None:
+        self._describe_hyperparameters()  # the optimizers are built now; Lightning logs next
 
     @override
     def setup(self, stage: str) -> None:

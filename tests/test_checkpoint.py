@@ -727,7 +727,7 @@ def test_training_starts_from_a_keras_file(digits: dict, tmp_path: Path) -> None
     trainer = make_trainer(max_epochs=2)
     data = loader(digits["x_train"], digits["y_train"])
     trainer.fit(module, data)
-    assert set(trainer.callback_metrics) == {"loss", "accuracy"}
+    assert set(trainer.callback_metrics) == {"loss", "loss_epoch", "accuracy"}
     keras_optimizer = trainer.optimizers[0].keras_optimizer
     assert keras_optimizer.get_config()["learning_rate"] == pytest.approx(0.004)
     batches = -(-len(data.dataset) // data.batch_size)  # the last batch is partial

@@ -443,3 +443,74 @@ def test_a_keras_train_step_receives_a_dict_batch_as_x_y():
         torch.utils.data.DataLoader(_Rows(("x", "y"), (x.astype("float32"), y)), batch_size=16),
     )
     assert seen == ["tuple", "tuple"]
+
+
+# ---------------------------------------------------------------------- hyperparameters, logged series
+
+
+def _csv_rows(trainer) -> list[dict[str, str]]:
+    import csv
+
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.parametrize("optimizer", ["keras", "torch"])
+def test_loggers_get_hyperparameters_that_describe_the_keras_arguments(tmp_path, optimizer):
+    import torchmetrics
+    import yaml
+
+    spec = keras.optimizers.AdamW(3e-3, weight_decay=0.01) if optimizer == "keras" else torch.optim.AdamW
+    model = mlp(hidden=8)
+    module = kl.KerasLightningModule(
+        model, optimizer=spec, loss=torch.nn.CrossEntropyLoss(),
+        metrics=["accuracy", torchmetrics.Accuracy(task="multiclass", num_classes=10)],
+    )
+    assert module.hparams["keras"]["model_class"] == "Sequential"  # before any Trainer
+    trainer = make_trainer(max_epochs=1, logger=CSVLogger(tmp_path))
+    trainer.fit(module, _classification(32))
+    with open(f"{trainer.logger.log_dir}/hparams.yaml") as file:
+        logged = yaml.safe_load(file)["keras"]
+    optimizer_object = trainer.optimizers[0]
+    assert logged["optimizer"] == type(optimizer_object).__name__ == "AdamW"
+    assert logged["learning_rate"] == pytest.approx(optimizer_object.param_groups[0]["lr"])
+    assert logged["learning_rate"] == pytest.approx(3e-3 if optimizer == "keras" else 1e-3)
+    assert logged["optimizer_weight_decay"] == pytest.approx(0.01)
+    assert logged["model_params"] == model.count_params() and logged["model_name"] == model.name
+    assert logged["loss"] == "CrossEntropyLoss"
+    assert logged["metrics"] == "accuracy, MulticlassAccuracy"
+    # in the checkpoint too, and load_from_checkpoint is not confused by it
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["hyper_parameters"]["keras"] == logged
+    if optimizer == "keras":
+        restored = kl.KerasLightningModule.load_from_checkpoint(path, loss=torch.nn.CrossEntropyLoss(), metrics=["accuracy"])
+        assert restored.hparams["keras"]["model_params"] == model.count_params()
+
+
+def test_a_subclass_keeps_its_own_saved_hyperparameters():
+    class Tuned(kl.KerasLightningModule):
+        def __init__(self, hidden: int = 8, dropout: float = 0.25) -> None:
+            super().__init__(mlp(hidden=hidden), optimizer="adam", loss="mse")
+            self.save_hyperparameters()
+
+    module = Tuned()
+    make_trainer(max_steps=1).fit(module, loader(np.zeros((8, 64), "float32"), np.zeros((8, 10), "float32")))
+    assert module.hparams["hidden"] == 8 and module.hparams["dropout"] == 0.25
+    assert module.hparams["keras"]["optimizer"] == "Adam"
+    assert module.hparams_initial["keras"]["model_params"] == module.model.count_params()
+
+
+def test_the_logged_loss_series_holds_step_values_and_the_epoch_mean_its_own(tmp_path):
+    trainer = make_trainer(max_epochs=2, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    module = _module("adam")
+    trainer.fit(module, _classification(64))
+    rows = _csv_rows(trainer)
+    step_rows = [row for row in rows if row.get("loss")]
+    epoch_rows = [row for row in rows if row.get("loss_epoch")]
+    assert len(step_rows) == trainer.global_step == 16  # one per step, no epoch value mixed in
+    assert [int(row["epoch"]) for row in epoch_rows] == [0, 1]
+    # callbacks (EarlyStopping(monitor="loss")) see the epoch mean, as Keras' History holds it
+    assert float(trainer.callback_metrics["loss"]) == pytest.approx(float(epoch_rows[-1]["loss_epoch"]))
+    steps = [float(row["loss"]) for row in step_rows[8:]]
+    assert float(epoch_rows[-1]["loss_epoch"]) == pytest.approx(np.mean(steps), rel=1e-5)  # equal batches
