@@ -27,6 +27,7 @@ from keras_lightning.keras_logs import flatten_logs  # noqa: E402
 from keras_lightning.lightning_tools import (  # noqa: E402
     KerasModelSummary,
     KerasWeights,
+    StochasticWeightAveraging,
     weights_module,
 )
 from keras_lightning.losses import KerasLoss, TorchLoss, keras_loss, torch_loss  # noqa: E402
@@ -52,6 +53,7 @@ __all__ = [
     "KerasOptimizer",
     "KerasWeights",
     "ShapeMismatchError",
+    "StochasticWeightAveraging",
     "TerminateOnNaN",
     "TorchLoss",
     "__version__",

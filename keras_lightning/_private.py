@@ -379,6 +379,19 @@ def use_summary(callback: Any, summary_class: type) -> None:
     callback._summary = summary
 
 
+def refresh_average_model(callback: Any, module: Any) -> None:
+    """Copy ``module`` again into an SWA callback whose copy holds no Keras model.
+
+    Lightning's ``StochasticWeightAveraging`` keeps ``deepcopy(module)`` from its ``setup``
+    in ``_average_model``; before ``configure_model`` a factory's model is not built.
+    """
+    import copy
+
+    average = getattr(callback, "_average_model", None)
+    if average is not None and getattr(average, "model", None) is None:
+        callback._average_model = copy.deepcopy(module)
+
+
 def fitting(trainer: Any) -> bool:
     """True while ``trainer.fit`` runs (not validate / test / predict)."""
     return trainer is not None and str(getattr(trainer.state.fn, "value", "")) == "fit"

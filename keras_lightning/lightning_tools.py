@@ -4,14 +4,14 @@ Keras' torch backend registers every variable of a layer as a ``torch.nn.Paramet
 weights, and also its non-trainable state (``BatchNormalization``'s moving statistics, the
 integer states of ``SeedGenerator``). Lightning's tools treat every parameter as a weight.
 This module gives them the Keras view: :func:`weights_module` for the fine-tuning callbacks,
-:class:`KerasModelSummary` for ``ModelSummary``.
+:class:`KerasModelSummary` for ``ModelSummary``, :class:`StochasticWeightAveraging` for SWA.
 """
 
 from __future__ import annotations
 
 from keras_lightning import _private
 from keras_lightning._private import parameter_of
-from keras_lightning.exceptions import KerasLightningTypeError
+from keras_lightning.exceptions import ConfigurationError, KerasLightningTypeError
 
 import math
 from collections import OrderedDict
@@ -19,9 +19,18 @@ from typing import Any
 
 import keras
 import torch
+from lightning.pytorch.callbacks import StochasticWeightAveraging as _LightningSWA
 from lightning.pytorch.utilities.model_summary import LayerSummary, ModelSummary
 
-__all__ = ["KerasModelSummary", "KerasWeights", "show_keras_layers_in_summaries", "weights_module"]
+__all__ = [
+    "KerasModelSummary",
+    "KerasWeights",
+    "StochasticWeightAveraging",
+    "check_swa_callbacks",
+    "refresh_swa_copies",
+    "show_keras_layers_in_summaries",
+    "weights_module",
+]
 
 
 class KerasWeights(torch.nn.Module):
@@ -207,3 +216,151 @@ def show_keras_layers_in_summaries(callbacks: Any) -> None:
     for callback in callbacks:
         if isinstance(callback, SummaryCallback):
             _private.use_summary(callback, KerasModelSummary)
+
+
+# ---------------------------------------------------------------------- StochasticWeightAveraging
+
+
+def _averaged_pairs(average: Any, live: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (averaged, live) parameter pairs SWA averages: weights, not Keras' state.
+
+    For a ``KerasLightningModule``: the Keras model's weights that can train (in
+    ``model.variables`` order) and any torch parameters of the module beside it; moving
+    statistics are recomputed afterwards and seed states are left alone.
+    """
+    models: list[Any] = [getattr(module, "model", None) for module in (average, live)]
+    if not all(isinstance(m, keras.Model) for m in models):
+        return list(zip(average.parameters(), live.parameters(), strict=False))
+    pairs = []
+    for module, model in zip((average, live), models, strict=True):
+        keras_ids = {id(parameter_of(v)) for v in model.variables}
+        weights = [parameter_of(v) for v in _private.weights_that_can_train(model)]
+        weights += [p for p in module.parameters() if id(p) not in keras_ids]
+        pairs.append(weights)
+    return list(zip(pairs[0], pairs[1], strict=True))
+
+
+def _keras_batchnorms(module: Any) -> list[Any]:
+    model = getattr(module, "model", None)
+    if not isinstance(model, keras.Model):
+        return []
+    return [
+        layer
+        for layer in _private.flatten_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+def has_keras_state(module: Any) -> bool:
+    """True when the module's Keras model holds variables that are not weights (SWA's concern)."""
+    model = getattr(module, "model", None)
+    if not isinstance(model, keras.Model):
+        return False
+    weights = {id(v) for v in _private.weights_that_can_train(model)}
+    return any(id(v) not in weights for v in model.variables)
+
+
+class StochasticWeightAveraging(_LightningSWA):
+    """Lightning's ``StochasticWeightAveraging`` for a Keras model (same arguments).
+
+    Lightning's averages every torch parameter and recomputes the statistics of torch
+    ``BatchNorm`` modules only. On a Keras model that would average the integer
+    ``SeedGenerator`` states and the ``BatchNormalization`` moving statistics as if they
+    were weights, and never recompute the statistics: the module refuses it there, naming
+    this class. This one averages the weights only, and in the extra epoch Lightning adds
+    for batch norm it recomputes each Keras ``BatchNormalization`` layer's moving mean and
+    variance as the plain average over that epoch's batches (the statistics of the
+    averaged weights, as ``torch.optim.swa_utils.update_bn`` does for torch).
+
+    It also ends at the average: Lightning's own SWA, on a plain module with ``BatchNorm``,
+    applies the last training batch's stale gradients once at the end of the statistics
+    epoch, so its final weights are not the average (``tests/test_finetuning.py``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._keras_momenta: dict[int, tuple[Any, float]] = {}
+        self._keras_batches: int | None = None  # batches seen in the statistics epoch
+
+    @staticmethod
+    def pl_module_contains_batch_norm(pl_module: Any) -> bool:  # noqa: D102 (Lightning's)
+        return bool(_keras_batchnorms(pl_module)) or _LightningSWA.pl_module_contains_batch_norm(
+            pl_module
+        )
+
+    @staticmethod
+    def update_parameters(  # noqa: D102 (Lightning's)
+        average_model: Any, model: Any, n_averaged: torch.Tensor, avg_fn: Any
+    ) -> None:
+        for p_swa, p_model in _averaged_pairs(average_model, model):
+            device = p_swa.device
+            p_swa_, p_model_ = p_swa.detach(), p_model.detach().to(device)
+            src = p_model_ if n_averaged == 0 else avg_fn(p_swa_, p_model_, n_averaged.to(device))
+            p_swa_.copy_(src)
+        n_averaged += 1
+
+    @staticmethod
+    def transfer_weights(src_pl_module: Any, dst_pl_module: Any) -> None:  # noqa: D102
+        for src, dst in _averaged_pairs(src_pl_module, dst_pl_module):
+            dst.detach().copy_(src.to(dst.device))
+
+    def reset_batch_norm_and_save_state(self, pl_module: Any) -> None:  # noqa: D102
+        # The statistics epoch skips backward and zero_grad, then steps once at its end:
+        # the last training batch's gradients, still there, would move the averaged
+        # weights (Lightning's own SWA does so on a plain module too). Drop them.
+        for param in pl_module.parameters():
+            param.grad = None
+        super().reset_batch_norm_and_save_state(pl_module)
+        self._keras_momenta = {}
+        for layer in _keras_batchnorms(pl_module):
+            layer.moving_mean.assign(keras.ops.zeros_like(layer.moving_mean))
+            layer.moving_variance.assign(keras.ops.ones_like(layer.moving_variance))
+            self._keras_momenta[id(layer)] = (layer, layer.momentum)
+        self._keras_batches = 0
+
+    def on_train_batch_start(  # noqa: D102 (Lightning's)
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._keras_batches is None:
+            return
+        # the k-th batch weighs 1/k: moving = moving * (k-1)/k + batch / k, a plain mean
+        for layer, _ in self._keras_momenta.values():
+            layer.momentum = self._keras_batches / (self._keras_batches + 1)
+        self._keras_batches += 1
+
+    def reset_momenta(self) -> None:  # noqa: D102 (Lightning's)
+        super().reset_momenta()
+        for layer, momentum in self._keras_momenta.values():
+            layer.momentum = momentum
+        self._keras_momenta = {}
+        self._keras_batches = None
+
+
+def check_swa_callbacks(callbacks: Any, module: Any) -> None:
+    """Refuse Lightning's own SWA on a Keras model with state beside its weights.
+
+    Raises:
+        ConfigurationError: ``StochasticWeightAveraging`` (Lightning's class itself) on a
+            model with ``BatchNormalization`` statistics or ``SeedGenerator`` states.
+
+    """
+    for callback in callbacks:
+        if type(callback) is _LightningSWA and has_keras_state(module):
+            raise ConfigurationError(
+                "Lightning's StochasticWeightAveraging averages every torch parameter and "
+                "recomputes torch BatchNorm statistics only; this Keras model holds other "
+                "state as parameters (BatchNormalization moving statistics, SeedGenerator "
+                "states), which it would average as weights and never recompute. Use "
+                "kl.StochasticWeightAveraging(...) with the same arguments."
+            )
+
+
+def refresh_swa_copies(callbacks: Any, module: Any) -> None:
+    """Give SWA callbacks a copy of the module with its model, once a factory built it.
+
+    Lightning's SWA copies the module in ``setup``, before ``configure_model`` runs: a module
+    built from a factory has no model yet there, and averaging would then do nothing.
+    """
+    for callback in callbacks:
+        if isinstance(callback, _LightningSWA):
+            _private.refresh_average_model(callback, module)

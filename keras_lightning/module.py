@@ -20,7 +20,11 @@ from keras_lightning.keras_model import adopt_compile_config, as_keras_data, ove
 from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkpoint
 from keras_lightning.lifecycle import RUNNING_HOOKS, guard_hooks
 from keras_lightning.lightning_side import LightningSideHelpers
-from keras_lightning.lightning_tools import show_keras_layers_in_summaries
+from keras_lightning.lightning_tools import (
+    check_swa_callbacks,
+    refresh_swa_copies,
+    show_keras_layers_in_summaries,
+)
 from keras_lightning.metrics import check_metric_spec
 from keras_lightning.optimizers import (
     LaterTrainable,
@@ -340,6 +344,8 @@ class KerasLightningModule(LightningSideHelpers):
         trainer = _private.attached_trainer(self)
         if trainer is not None:  # before Lightning converts the module (precision.py)
             precision.check_precision(trainer.precision, self.model)
+            check_swa_callbacks(trainer.callbacks, self)
+            refresh_swa_copies(trainer.callbacks, self)  # SWA copied a factory's module unbuilt
 
     def _describe_hyperparameters(self) -> None:
         """``hparams["keras"]``: the Keras arguments as plain values (``hparams.py``)."""

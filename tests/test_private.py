@@ -11,6 +11,7 @@ import keras_lightning as kl
 from keras_lightning import _private
 
 import ast
+import copy
 import inspect
 from pathlib import Path
 
@@ -504,3 +505,21 @@ def test_use_summary_replaces_one_callbacks_summary_once():
     made = callback._summary(trainer, "module")
     assert isinstance(made, Marker) and made.max_depth == 3 and made.module == "module"
     assert "_summary" not in vars(other)  # other callbacks keep Lightning's
+
+
+def test_refresh_average_model_copies_a_module_whose_copy_has_no_model():
+    import keras_lightning as kl
+
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    module = kl.KerasLightningModule(lambda: keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
+    swa = StochasticWeightAveraging(swa_lrs=0.1)
+    swa._average_model = copy.deepcopy(module)  # what Lightning's setup does, before the build
+    _private.refresh_average_model(swa, module)
+    assert swa._average_model.model is None  # the module itself is not built yet either
+    module._build_model()
+    _private.refresh_average_model(swa, module)
+    built = swa._average_model
+    assert built.model is not None and built.model is not module.model
+    _private.refresh_average_model(swa, module)
+    assert swa._average_model is built  # a copy that has its model is kept
