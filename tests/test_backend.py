@@ -84,8 +84,11 @@ def test_public_surface_is_pinned():
         "KerasLightningModule",
         "KerasLightningTypeError",
         "KerasLoss",
+        "KerasModelSummary",
         "KerasOptimizer",
+        "KerasWeights",
         "ShapeMismatchError",
+        "StochasticWeightAveraging",
         "TerminateOnNaN",
         "TorchLoss",
         "__version__",
@@ -94,6 +97,7 @@ def test_public_surface_is_pinned():
         "keras_loss",
         "model_from_checkpoint",
         "torch_loss",
+        "weights_module",
     ]
     for name in kl.__all__:
         assert hasattr(kl, name), name
