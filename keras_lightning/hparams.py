@@ -128,14 +128,17 @@ def _names(value: Any) -> str:
         return ", ".join(f"{key}: {_names(item)}" for key, item in value.items())
     if isinstance(value, list | tuple):
         return ", ".join(_names(item) for item in value)
-    name = getattr(value, "name", None)
-    if isinstance(name, str) and not isinstance(value, type):
-        return name
     if isinstance(value, type):
         return value.__name__
-    fn = getattr(value, "fn", None) or getattr(value, "function", None)
-    if callable(fn) and hasattr(fn, "__name__"):
-        return fn.__name__
-    if hasattr(value, "__name__"):
+    if isinstance(value, torch.nn.Module):  # torch losses, torchmetrics
+        return type(value).__name__
+    name = getattr(value, "name", None)  # Keras losses and metrics
+    if isinstance(name, str):
+        return name
+    for attribute in ("fn", "function"):  # kl.keras_loss / kl.torch_loss, functools.partial
+        inner = getattr(value, attribute, None)
+        if callable(inner) and isinstance(getattr(inner, "__name__", None), str):
+            return str(inner.__name__)
+    if isinstance(getattr(value, "__name__", None), str):
         return str(value.__name__)
     return type(value).__name__

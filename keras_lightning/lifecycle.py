@@ -29,6 +29,7 @@ LIBRARY_HOOKS = (
     "on_train_start",
     "on_train_end",
     "on_train_batch_start",
+    "on_before_optimizer_step",
     "on_train_epoch_start",
     "on_validation_epoch_start",
     "on_test_epoch_start",

@@ -10,7 +10,7 @@ checkpoints (:mod:`~keras_lightning.checkpoint`) and the library part of Lightni
 
 from __future__ import annotations
 
-from keras_lightning import _private, checkpoint, devices, hparams, precision, replicas
+from keras_lightning import _private, checkpoint, collectives, devices, hparams, precision, replicas
 from keras_lightning.builtin_steps import Arguments, BuiltinSteps
 from keras_lightning.callbacks import check_trainer_callbacks
 from keras_lightning.compiled import CompileStats, resolve_compile
@@ -396,6 +396,8 @@ class KerasLightningModule(LightningSideHelpers):
             check_optimizers_train(trainer.optimizers, self)
         self._restore_pending_rng(at="load")  # if the strategy loaded weights another way
         replicas.start_of_training(self.model)  # per-rank dropout randomness, after the restore
+        ddp = trainer is not None and collectives.world_size() > 1 and _is_ddp(trainer.strategy)
+        self._later_trainable.start(self, ddp)  # layers unfrozen later: averaged by hand
 
     @override
     def on_train_end(self) -> None:
@@ -422,6 +424,13 @@ class KerasLightningModule(LightningSideHelpers):
             assert self.model is not None
             self._later_trainable.adopt(optimizer, self.model)
         self._steps("train").train_batch_start()
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def _library_on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._later_trainable.average_late_gradients(self)  # unfrozen after DDP wrapped
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -622,6 +631,12 @@ guard_hooks(KerasLightningModule)
 
 
 _LATER_TRAINABLE = "keras_lightning_later_trainable"
+
+
+def _is_ddp(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return isinstance(strategy, DDPStrategy)
 
 
 def _overrides(module: KerasLightningModule, name: str) -> bool:

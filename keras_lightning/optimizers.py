@@ -8,7 +8,7 @@ update itself is Keras' ``optimizer.apply(grads, variables)``.
 
 from __future__ import annotations
 
-from keras_lightning import _private, optimizer_state
+from keras_lightning import _private, collectives, optimizer_state
 from keras_lightning._private import parameter_of
 from keras_lightning.devices import keras_default_device, keras_device, place_variables, same_device
 from keras_lightning.exceptions import (
@@ -802,6 +802,35 @@ class LaterTrainable:
         self._layout: tuple[Any, ...] | None = None
         self._owned: set[int] = set()
         self._weights: list[torch.Tensor] = []
+        self._reduced_by_ddp: set[int] | None = None  # what DDP's reducer averages
+
+    def start(self, module: torch.nn.Module, ddp: bool) -> None:
+        """At training start, under DDP: remember which parameters DDP averages.
+
+        DDP's reducer takes the parameters that require gradients when it wraps the module;
+        one unfrozen later gets local gradients only, and the ranks would drift apart.
+        """
+        self._reduced_by_ddp = (
+            {id(p) for p in module.parameters() if p.requires_grad} if ddp else None
+        )
+
+    def average_late_gradients(self, module: torch.nn.Module) -> None:
+        """Under DDP, average the gradients of parameters DDP's reducer does not know.
+
+        Called before every optimizer step (before clipping); every rank unfreezes the same
+        layers at the same step, so every rank reduces the same tensors.
+        """
+        reduced = self._reduced_by_ddp
+        if reduced is None:
+            return
+        late = [p for p in module.parameters() if p.grad is not None and id(p) not in reduced]
+        if not late:
+            return
+        averaged = collectives.all_reduce_sum(
+            [p.grad for p in late], divide_by=collectives.world_size()
+        )
+        for param, grad in zip(late, averaged, strict=True):
+            param.grad = grad
 
     def adopt(self, optimizer: torch.optim.Optimizer, model: Any) -> None:
         """Append to ``optimizer``'s first group the float weights that need it (cheap if none)."""

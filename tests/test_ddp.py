@@ -203,6 +203,17 @@ def test_keras_optimizer_gradients_averaged_once_with_accumulation(ddp_run: Path
         np.testing.assert_allclose(after_step, reference, atol=1e-6)
 
 
+def test_a_layer_unfrozen_during_training_stays_identical_across_ranks(ddp_run: Path) -> None:
+    # DDP's reducer knows only the parameters that required gradients when it wrapped the
+    # module: the module averages the gradients of a layer unfrozen later itself.
+    ranks = [np.load(ddp_run / f"unfreeze_rank{r}.npy") for r in range(2)]
+    assert ranks[0].shape[0] == 8
+    np.testing.assert_array_equal(ranks[0], ranks[1])  # after every step
+    kernel = slice(0, 64 * 16)  # the first layer's kernel, first in model.weights
+    np.testing.assert_array_equal(ranks[0][0, kernel], ranks[0][2, kernel])  # frozen: steps 1-3
+    assert not np.array_equal(ranks[0][2, kernel], ranks[0][3, kernel])  # trains from step 4
+
+
 @pytest.mark.timeout(300)
 def test_ddp_spawn_trains_and_reduces(tmp_path: Path) -> None:
     """ddp_spawn pickles the module (factory, Keras optimizer, torchmetrics): no fd errors."""

@@ -258,6 +258,53 @@ def run_grads(args: argparse.Namespace, out: Path) -> None:
     )
 
 
+class _UnfreezeFirstLayer(L.Callback):
+    """Unfreezes the first Dense layer (frozen before fit) at the fourth step."""
+
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 3:
+            module.model.layers[0].trainable = True
+
+
+class _AllWeights(L.Callback):
+    def __init__(self) -> None:
+        self.weights: list[np.ndarray] = []
+
+    def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+        self.weights.append(flat(module.model.weights))
+
+
+def run_unfreeze(args: argparse.Namespace, out: Path) -> None:
+    """A layer frozen before fit and unfrozen at step 4: DDP never averaged its gradients."""
+    data = digits()
+
+    def build() -> keras.Model:
+        model = build_linear()
+        model.layers[0].trainable = False
+        return model
+
+    recorder = _AllWeights()
+    module = kl.KerasLightningModule(
+        build,
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        max_epochs=1,
+        limit_train_batches=8,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[_UnfreezeFirstLayer(), recorder],
+    )
+    trainer.fit(module, loader(data["x_train"], data["y_train"], batch=8))
+    np.save(out / f"unfreeze_rank{trainer.global_rank}.npy", np.asarray(recorder.weights))
+
+
 class _Weights(L.Callback):
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -292,6 +339,7 @@ def main() -> None:
         run_main(args, out)
     if args.grads:
         run_grads(args, out)
+        run_unfreeze(args, out)
 
 
 def run_spawn(args: argparse.Namespace, out: Path) -> None:
