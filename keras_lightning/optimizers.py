@@ -826,9 +826,8 @@ class LaterTrainable:
         late = [p for p in module.parameters() if p.grad is not None and id(p) not in reduced]
         if not late:
             return
-        averaged = collectives.all_reduce_sum(
-            [p.grad for p in late], divide_by=collectives.world_size()
-        )
+        grads = [p.grad for p in late if p.grad is not None]
+        averaged = collectives.all_reduce_sum(grads, divide_by=collectives.world_size())
         for param, grad in zip(late, averaged, strict=True):
             param.grad = grad
 
