@@ -26,7 +26,7 @@ __all__ = [
     "KerasModelSummary",
     "KerasWeights",
     "StochasticWeightAveraging",
-    "check_swa_callbacks",
+    "check_lightning_callbacks",
     "refresh_swa_copies",
     "show_keras_layers_in_summaries",
     "weights_module",
@@ -116,6 +116,28 @@ class _KerasLayerSummary(LayerSummary):
     @property
     def training(self) -> bool:
         return self._training
+
+    @property
+    def in_size(self) -> Any:
+        return _symbolic_shape(self._layer, "input")
+
+    @property
+    def out_size(self) -> Any:
+        return _symbolic_shape(self._layer, "output")
+
+
+def _symbolic_shape(layer: Any, which: str) -> Any:
+    """Keras' own record of a layer's input / output shape (``None`` batch), or ``"?"``."""
+    try:
+        tensors = getattr(layer, which)
+    except (AttributeError, ValueError):  # called several times, or never symbolically
+        tensors = getattr(layer, f"{which}s", None)  # a Sequential model's inputs / outputs
+        if not tensors:
+            return "?"
+    shapes = [list(t.shape) for t in keras.tree.flatten(tensors) if hasattr(t, "shape")]
+    if not shapes:
+        return "?"
+    return shapes[0] if len(shapes) == 1 else shapes
 
 
 def _keras_rows(layer: Any, prefix: str) -> list[tuple[str, Any, bool]]:
@@ -336,15 +358,28 @@ class StochasticWeightAveraging(_LightningSWA):
         self._keras_batches = None
 
 
-def check_swa_callbacks(callbacks: Any, module: Any) -> None:
-    """Refuse Lightning's own SWA on a Keras model with state beside its weights.
+def check_lightning_callbacks(callbacks: Any, module: Any) -> None:
+    """Refuse the Lightning callbacks that would do nothing, or the wrong thing, on a Keras model.
 
     Raises:
         ConfigurationError: ``StochasticWeightAveraging`` (Lightning's class itself) on a
-            model with ``BatchNormalization`` statistics or ``SeedGenerator`` states.
+            model with ``BatchNormalization`` statistics or ``SeedGenerator`` states;
+            ``ModelPruning`` (its masks act through torch modules' forward hooks, and Keras
+            layers are not called as torch modules: a pruned weight would still be used).
 
     """
+    from lightning.pytorch.callbacks import ModelPruning
+
     for callback in callbacks:
+        if isinstance(callback, ModelPruning) and getattr(module, "model", None) is not None:
+            raise ConfigurationError(
+                "Lightning's ModelPruning cannot prune a Keras model: it masks a torch "
+                "module's weight through a forward pre-hook, and Keras layers are not called "
+                "as torch modules, so the forward would keep using the unpruned weights (and "
+                "it finds no torch layer to prune). Remove the callback; to zero weights, "
+                "write them from a callback (layer.kernel.assign(layer.kernel * mask)) "
+                "after each optimizer step."
+            )
         if type(callback) is _LightningSWA and has_keras_state(module):
             raise ConfigurationError(
                 "Lightning's StochasticWeightAveraging averages every torch parameter and "

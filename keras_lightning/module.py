@@ -21,7 +21,7 @@ from keras_lightning.keras_steps import KerasSteps, check_picklable, load_checkp
 from keras_lightning.lifecycle import RUNNING_HOOKS, guard_hooks
 from keras_lightning.lightning_side import LightningSideHelpers
 from keras_lightning.lightning_tools import (
-    check_swa_callbacks,
+    check_lightning_callbacks,
     refresh_swa_copies,
     show_keras_layers_in_summaries,
 )
@@ -344,7 +344,7 @@ class KerasLightningModule(LightningSideHelpers):
         trainer = _private.attached_trainer(self)
         if trainer is not None:  # before Lightning converts the module (precision.py)
             precision.check_precision(trainer.precision, self.model)
-            check_swa_callbacks(trainer.callbacks, self)
+            check_lightning_callbacks(trainer.callbacks, self)
             refresh_swa_copies(trainer.callbacks, self)  # SWA copied a factory's module unbuilt
 
     def _describe_hyperparameters(self) -> None:

@@ -362,9 +362,21 @@ def test_model_summary_has_a_row_per_keras_layer_with_keras_counts(rich):
 
 def test_model_summary_depth_one_lists_the_keras_model_and_prints():
     module = kl.KerasLightningModule(_summarized_model(), optimizer="adam", loss="mse")
+    module.example_input_array = torch.zeros(4, 8)  # sizes shown: Keras' symbolic shapes
     summary = kl.KerasModelSummary(module, max_depth=1)
     assert summary.layer_names == ["model", "torchmetrics"]
+    assert summary.in_sizes[0] == [None, 8] and summary.out_sizes[0] == [None, 3]
     assert "Functional" in str(summary)
+
+
+def test_model_pruning_is_refused_on_a_keras_model():
+    from lightning.pytorch.callbacks import ModelPruning
+
+    module = kl.KerasLightningModule(mlp(hidden=4), optimizer="adam", loss="mse")
+    with pytest.raises(kl.ConfigurationError, match="ModelPruning cannot prune a Keras model"):
+        make_trainer(max_steps=1, callbacks=[ModelPruning("l1_unstructured", amount=0.5)]).fit(
+            module, loader(np.zeros((8, 64), "float32"), np.zeros((8, 10), "float32"))
+        )
 
 
 # ---------------------------------------------------------------------- batches
