@@ -172,6 +172,7 @@ class BuiltinSteps:
         self.more_loaders: dict[str, dict[int, EpochState]] = {"val": {}, "test": {}}
         self._loader = {"val": 0, "test": 0}  # the dataloader the stage runs now
         self._logged_loaders: dict[str, set[int]] = {"val": set(), "test": set()}
+        self._loss_logged_per_step = False  # by the built-in training_step, this epoch
         self._own_snapshot: list[tuple[Any, torch.Tensor]] | None = None
         # None: the configured objective; else the model's compute_loss, True when it takes
         # `training` (decided on the first batch, outside any compiled region)
@@ -363,6 +364,7 @@ class BuiltinSteps:
         loss = self._shared_step(batch, "train")
         if step_loss_wanted(_private.attached_trainer(self.host), batch_idx):
             self.host.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+            self._loss_logged_per_step = True
         return loss
 
     def evaluation_step(
@@ -407,6 +409,8 @@ class BuiltinSteps:
         model = self.host._require_model()
         with self.host.keras_scope():  # Keras metric resets create tensors
             self.stages[stage].reset()
+            if stage == "train":
+                self._loss_logged_per_step = False
             if stage in self._loader:
                 self._loader[stage] = 0
                 self._logged_loaders[stage] = set()
@@ -453,7 +457,8 @@ class BuiltinSteps:
         for name, value in values.items():
             bar = name.split("/")[0] == f"{prefix}loss"
             value = value.to(self.host.device)
-            log_epoch_value(self.host, name, value, stage == "train" and name == "loss", bar)
+            per_step_too = stage == "train" and name == "loss" and self._loss_logged_per_step
+            log_epoch_value(self.host, name, value, per_step_too, bar)
         if stage == "val" and self._own_snapshot is not None:
             with self.host.keras_scope():
                 restore_metrics(own, self._own_snapshot)
