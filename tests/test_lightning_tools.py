@@ -236,7 +236,7 @@ class _PlainEval(_Plain):
 
 def _keras_eval(model, data) -> dict[str, float]:
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    return model.evaluate(*data, batch_size=16, verbose=0, return_dict=True)
+    return {k: float(v) for k, v in model.evaluate(*data, batch_size=16, verbose=0, return_dict=True).items()}
 
 
 def test_several_validation_dataloaders_are_logged_apart_as_on_a_plain_module():
@@ -272,7 +272,8 @@ def test_several_test_dataloaders_of_a_keras_test_step_are_kept_apart():
         kl.KerasLightningModule(model), [loader(*a, batch_size=16), loader(*b, batch_size=16)], verbose=False
     )
     for index, data in enumerate((a, b)):
-        expected = model.evaluate(*data, batch_size=16, verbose=0, return_dict=True)
+        logs = model.evaluate(*data, batch_size=16, verbose=0, return_dict=True)  # nested on Keras 3.13
+        expected = {k: float(v) for k, v in kl.flatten_logs(logs).items()}
         assert sorted(results[index]) == [f"test_accuracy/dataloader_idx_{index}", f"test_loss/dataloader_idx_{index}"]
         assert results[index][f"test_loss/dataloader_idx_{index}"] == pytest.approx(expected["loss"], rel=1e-5)
         assert results[index][f"test_accuracy/dataloader_idx_{index}"] == pytest.approx(expected["accuracy"])
