@@ -411,11 +411,10 @@ class BuiltinSteps:
             self.stages[stage].reset()
             if stage == "train":
                 self._loss_logged_per_step = False
-            if stage in self._loader:
+            if stage in self._loader:  # dataloaders 1, 2, ... get their states anew
                 self._loader[stage] = 0
                 self._logged_loaders[stage] = set()
-                for state in self.more_loaders[stage].values():
-                    state.reset()
+                self.more_loaders[stage] = {}
             own = own_metrics(model)
             if own:
                 if stage == "val" and _private.fitting(_private.attached_trainer(self.host)):

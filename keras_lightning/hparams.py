@@ -85,15 +85,18 @@ def _optimizer(spec: Any, optimizers: Sequence[torch.optim.Optimizer]) -> dict[s
     elif isinstance(spec, str):
         return {"optimizer": _keras_name(spec)}
     if keras_optimizer is not None:
-        config = keras_optimizer.get_config()
         found: dict[str, Any] = {"optimizer": type(keras_optimizer).__name__}
+        try:  # reads the learning rate's value: not where it has none (a meta device)
+            config = keras_optimizer.get_config()
+            rate = float(keras.ops.convert_to_numpy(keras_optimizer.learning_rate))
+        except (NotImplementedError, RuntimeError, ValueError, TypeError):
+            return found
         for key, value in config.items():
             if key in ("name", "learning_rate"):
                 continue
             if isinstance(value, bool | int | float | str):
                 found[f"optimizer_{key}"] = value
-        rate = keras_optimizer.learning_rate
-        found["learning_rate"] = float(keras.ops.convert_to_numpy(rate))
+        found["learning_rate"] = rate
         return found
     if optimizers:  # a torch optimizer: its class and the first group's settings
         optimizer = optimizers[0]

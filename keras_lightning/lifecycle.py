@@ -25,6 +25,7 @@ LIBRARY_HOOKS = (
     "configure_model",
     "setup",
     "configure_callbacks",
+    "configure_optimizers",
     "on_fit_start",
     "on_train_start",
     "on_train_end",

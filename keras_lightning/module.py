@@ -396,8 +396,6 @@ class KerasLightningModule(LightningSideHelpers):
             check_optimizers_train(trainer.optimizers, self)
         self._restore_pending_rng(at="load")  # if the strategy loaded weights another way
         replicas.start_of_training(self.model)  # per-rank dropout randomness, after the restore
-        ddp = trainer is not None and collectives.world_size() > 1 and _is_ddp(trainer.strategy)
-        self._later_trainable.start(self, ddp)  # layers unfrozen later: averaged by hand
 
     @override
     def on_train_end(self) -> None:
@@ -510,6 +508,12 @@ class KerasLightningModule(LightningSideHelpers):
         self._pending_rng = checkpoint.on_load_checkpoint(trainer, ckpt)
 
     # ------------------------------------------------------------------ optimizers
+
+    def _library_configure_optimizers(self) -> None:
+        # Lightning calls this right after DDP wrapped the module: what its reducer averages
+        trainer = _private.attached_trainer(self)
+        ddp = trainer is not None and collectives.world_size() > 1 and _is_ddp(trainer.strategy)
+        self._later_trainable.wrapped_by_ddp(self, ddp)  # layers unfrozen later: averaged here
 
     @override
     def configure_optimizers(self) -> Any:

@@ -121,7 +121,16 @@ class _Update:
             _private.backend_apply_gradients(optimizer, grads, variables)
 
 
-class _ByKerasClass:
+class _MadeOnDemand(type):
+    """Unpickling in a fresh process looks the class up before any instance made it."""
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _named_class(name)
+
+
+class _ByKerasClass(metaclass=_MadeOnDemand):
     """The :class:`KerasOptimizer` subclasses named after a Keras optimizer class (picklable)."""
 
 
@@ -216,6 +225,11 @@ class KerasOptimizer(torch.optim.Optimizer):
     def lr_is_schedule(self) -> bool:
         """True when the Keras optimizer's learning rate is a ``LearningRateSchedule``."""
         return self._updates[0].lr_is_schedule
+
+    @property
+    def keras_updates(self) -> list[tuple[Any, list[Any]]]:
+        """Each Keras optimizer with the variables it updates (for ``finalize_variable_values``)."""
+        return [(update.keras_optimizer, list(update.variables)) for update in self._updates]
 
     @property
     def keras_optimizers(self) -> list[Any]:
@@ -764,9 +778,10 @@ def finalize_keras_optimizers(optimizers: Sequence[Any], model: Any, own_step: b
         pairs = [(getattr(model, "optimizer", None), model.trainable_weights)]
     else:
         pairs = [
-            (optimizer.keras_optimizer, optimizer.variables)
+            pair
             for optimizer in optimizers
             if isinstance(optimizer, KerasOptimizer)
+            for pair in optimizer.keras_updates
         ]
     for keras_optimizer, variables in pairs:
         if keras_optimizer is None or not getattr(keras_optimizer, "use_ema", False):
@@ -800,18 +815,18 @@ class LaterTrainable:
     def __init__(self) -> None:
         self.positions: list[int] = []  # in model.variables
         self._layout: tuple[Any, ...] | None = None
-        self._owned: set[int] = set()
-        self._weights: list[torch.Tensor] = []
-        self._reduced_by_ddp: set[int] | None = None  # what DDP's reducer averages
+        self._unowned: list[torch.Tensor] = []  # weights no param group holds
+        self._late_candidates: list[torch.Tensor] | None = None  # not in DDP's reducer
 
-    def start(self, module: torch.nn.Module, ddp: bool) -> None:
-        """At training start, under DDP: remember which parameters DDP averages.
+    def wrapped_by_ddp(self, module: torch.nn.Module, ddp: bool) -> None:
+        """Right after DDP wrapped the module (``configure_optimizers``): what DDP averages.
 
         DDP's reducer takes the parameters that require gradients when it wraps the module;
-        one unfrozen later gets local gradients only, and the ranks would drift apart.
+        one unfrozen later (even in a callback's ``on_fit_start``) gets local gradients
+        only, and the ranks would drift apart.
         """
-        self._reduced_by_ddp = (
-            {id(p) for p in module.parameters() if p.requires_grad} if ddp else None
+        self._late_candidates = (
+            [p for p in module.parameters() if not p.requires_grad] if ddp else None
         )
 
     def average_late_gradients(self, module: torch.nn.Module) -> None:
@@ -820,10 +835,10 @@ class LaterTrainable:
         Called before every optimizer step (before clipping); every rank unfreezes the same
         layers at the same step, so every rank reduces the same tensors.
         """
-        reduced = self._reduced_by_ddp
-        if reduced is None:
+        candidates = self._late_candidates
+        if not candidates:
             return
-        late = [p for p in module.parameters() if p.grad is not None and id(p) not in reduced]
+        late = [p for p in candidates if p.grad is not None]
         if not late:
             return
         grads = [p.grad for p in late if p.grad is not None]
@@ -836,12 +851,14 @@ class LaterTrainable:
         groups = optimizer.param_groups
         layout = (id(optimizer), id(groups), *(len(group["params"]) for group in groups))
         if layout != self._layout:
-            self._owned = {id(p) for group in groups for p in group["params"]}
-            self._weights = [
-                parameter_of(v) for v in model.variables if parameter_of(v).is_floating_point()
+            owned = {id(p) for group in groups for p in group["params"]}
+            self._unowned = [
+                parameter_of(v)
+                for v in model.variables
+                if parameter_of(v).is_floating_point() and id(parameter_of(v)) not in owned
             ]
             self._layout = layout
-        new = [p for p in self._weights if p.requires_grad and id(p) not in self._owned]
+        new = [p for p in self._unowned if p.requires_grad]
         if not new:
             return
         self._append(optimizer, model, new)

@@ -436,3 +436,44 @@ def test_lightnings_own_swa_ends_off_the_average_on_a_plain_batchnorm_module():
     make_trainer(max_epochs=4, callbacks=[Snapshot(), _swa(StochasticWeightAveraging)]).fit(module, _data())
     average = torch.stack([seen[epoch] for epoch in (1, 2, 3)]).mean(0)
     assert float((module.net[0].weight - average).abs().max()) > 1e-4
+
+
+def test_moving_averages_of_every_group_are_written_at_the_end():
+    # SGD per variable: two groups at one lr update as one optimizer over all the weights,
+    # so finalize_variable_values must give the same weights (EMA included) either way.
+    from keras_lightning.optimizers import finalize_keras_optimizers
+
+    def run(split: bool) -> list[np.ndarray]:
+        model = _keras_model()
+        head = model.get_layer("head").weights
+        backbone = kl.weights_module(model.get_layer("backbone"))
+        first = head if split else model.trainable_variables
+        optimizer = kl.KerasOptimizer(keras.optimizers.SGD(LR, use_ema=True, ema_overwrite_frequency=None), first, model.variables)
+        if split:
+            optimizer.add_param_group({"params": list(backbone.parameters()), "lr": LR})
+        for x, y in list(_data())[:3]:
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        finalize_keras_optimizers([optimizer], model, own_step=False)
+        return _keras_weights(model)
+
+    for got, want in zip(run(split=True), run(split=False), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-7)
+
+
+def test_a_keras_optimizer_unpickles_in_a_fresh_process(tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    model = _keras_model()
+    optimizer = kl.KerasOptimizer(keras.optimizers.Lion(1e-3), model.trainable_variables)
+    (tmp_path / "opt.pkl").write_bytes(pickle.dumps(type(optimizer)))
+    code = (
+        "import pickle, sys, keras_lightning as kl; "
+        f"cls = pickle.loads(open({str(tmp_path / 'opt.pkl')!r}, 'rb').read()); "
+        "print(cls.__name__, issubclass(cls, kl.KerasOptimizer))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["Lion", "True"], result.stderr[-2000:]

@@ -33,6 +33,9 @@ def _overriding_class(call_super: bool) -> type:
                 # resumed: the saved random state is back when training starts
                 self.__dict__["rng_at_start"] = torch.get_rng_state().clone()
             result = getattr(super(cls, self), name)(*args, **kwargs) if call_super else None
+            if name == "configure_optimizers" and not call_super:
+                # what the user's body returns is their optimizer: here, the module's own
+                result = kl.KerasLightningModule.configure_optimizers.__wrapped__(self)
             return [] if name == "configure_callbacks" else result
 
         hook.__name__ = name

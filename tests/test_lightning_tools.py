@@ -527,3 +527,27 @@ def test_the_logged_loss_series_holds_step_values_and_the_epoch_mean_its_own(tmp
     assert float(trainer.callback_metrics["loss"]) == pytest.approx(float(epoch_rows[-1]["loss_epoch"]))
     steps = [float(row["loss"]) for row in step_rows[8:]]
     assert float(epoch_rows[-1]["loss_epoch"]) == pytest.approx(np.mean(steps), rel=1e-5)  # equal batches
+
+
+def test_a_single_dataloader_after_several_logs_plain_names_again():
+    a, b = _two_sets()
+    module = _module("adam")
+    trainer = make_trainer()
+    trainer.validate(module, [loader(*a, batch_size=16), loader(*b, batch_size=16)], verbose=False)
+    (single,) = trainer.validate(module, loader(*a, batch_size=16), verbose=False)
+    assert sorted(single) == ["val_loss"]
+    assert single["val_loss"] == pytest.approx(_keras_eval(module.model, a)["loss"], rel=1e-5)
+
+
+def test_load_from_checkpoint_of_a_subclass_taking_kwargs(tmp_path):
+    class WithKwargs(kl.KerasLightningModule):
+        def __init__(self, units: int = 4, model=None, **kwargs) -> None:
+            super().__init__(model or mlp(hidden=units), **kwargs)
+            self.save_hyperparameters(ignore=["model"])
+
+    module = WithKwargs(optimizer="adam", loss="mse")
+    trainer = make_trainer(max_steps=1)
+    trainer.fit(module, loader(np.zeros((8, 64), "float32"), np.zeros((8, 10), "float32")))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    restored = WithKwargs.load_from_checkpoint(tmp_path / "m.ckpt")  # hparams["keras"] not passed on
+    assert restored.hparams["units"] == 4

@@ -14,6 +14,7 @@ from keras_lightning.checkpoint.files import load_checkpoint_file
 from keras_lightning.checkpoint.keys import mismatch_message, stable_keys
 from keras_lightning.checkpoint.rng import collect_rng_states
 from keras_lightning.exceptions import CheckpointError, ConfigurationError
+from keras_lightning.hparams import KEY as DESCRIPTION_KEY
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,7 @@ def load_module(
     checkpoint = load_checkpoint_file(checkpoint_path, map_location, weights_only)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     config = hparams.pop(HPARAMS_KEY, None)
+    hparams.pop(DESCRIPTION_KEY, None)  # hparams["keras"]: a description, not an argument
     if "model" not in kwargs:
         kwargs["model"] = rebuild_model(
             _stored_config(checkpoint, checkpoint_path), custom_objects, safe_mode
