@@ -29,8 +29,7 @@ CORE_TESTS = [
     "tests/test_private.py",
     "tests/test_lifecycle.py",
     "tests/test_fit_parity.py",
-    "tests/test_finetuning.py",
-    "tests/test_lightning_tools.py",
+    "tests/test_finetuning.py",  # BaseFinetuning / SWA internals (test_private.py: the rest)
     "tests/test_checkpoint_files.py",
     "tests/test_performance.py",
     "keras_lightning",
