@@ -10,7 +10,16 @@ checkpoints (:mod:`~keras_lightning.checkpoint`) and the library part of Lightni
 
 from __future__ import annotations
 
-from keras_lightning import _private, checkpoint, collectives, devices, hparams, precision, replicas
+from keras_lightning import (
+    _private,
+    adapters,
+    checkpoint,
+    collectives,
+    devices,
+    hparams,
+    precision,
+    replicas,
+)
 from keras_lightning.builtin_steps import Arguments, BuiltinSteps
 from keras_lightning.callbacks import check_trainer_callbacks
 from keras_lightning.compiled import CompileStats, resolve_compile
@@ -87,6 +96,10 @@ class KerasLightningModule(LightningSideHelpers):
             overhead; ``True`` means ``"eager"`` (graph capture only, warm-up of a second or
             two). If capturing fails, training goes on eagerly with a warning. Named after
             Keras' ``compile(jit_compile=...)``; see ``keras_lightning.compiled``.
+        checkpoint_weights: ``"all"`` (the default) or ``"trainable"``: checkpoints hold only
+            the weights that train and the state training changed, not the frozen base weights
+            (an adapter checkpoint for LoRA fine-tuning); load one onto the same base model.
+            See ``keras_lightning.adapters``.
         compile: Deprecated name of ``jit_compile``.
 
     Example:
@@ -115,6 +128,7 @@ class KerasLightningModule(LightningSideHelpers):
         class_weight: Mapping[int, float] | None = None,
         lr_scheduler: SchedulerSpec = None,
         jit_compile: bool | str = False,
+        checkpoint_weights: str = "all",
         compile: bool | str = _UNSET,
     ) -> None:
         super().__init__()
@@ -170,6 +184,8 @@ class KerasLightningModule(LightningSideHelpers):
         self._pending_rng: dict[str, Any] | None = None
         self._lr_override: float | None = None  # learning_rate set by the user or lr_find
         self._later_trainable = LaterTrainable()  # weights unfrozen after configure_optimizers
+        self._checkpoint_weights = adapters.check_choice(checkpoint_weights)
+        self._adapter = adapters.AdapterState()  # what an adapter checkpoint leaves out
         # torchmetrics given by the user are registered so that Lightning moves them.
         self.torchmetrics = torch.nn.ModuleList(torchmetrics_in(metrics, weighted_metrics))
         if self.model is not None:
@@ -396,6 +412,8 @@ class KerasLightningModule(LightningSideHelpers):
             check_optimizers_train(trainer.optimizers, self)
         self._restore_pending_rng(at="load")  # if the strategy loaded weights another way
         replicas.start_of_training(self.model)  # per-rank dropout randomness, after the restore
+        if self._checkpoint_weights == "trainable":
+            self._adapter.start_training(self.model)  # to tell frozen weights from changed ones
 
     @override
     def on_train_end(self) -> None:
@@ -487,6 +505,8 @@ class KerasLightningModule(LightningSideHelpers):
         )
         if self._later_trainable.positions:
             ckpt[_LATER_TRAINABLE] = list(self._later_trainable.positions)
+        if self._checkpoint_weights == "trainable" and self.model is not None:
+            ckpt[adapters.KEY] = self._adapter.strip(self.model, ckpt["state_dict"])
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -503,6 +523,7 @@ class KerasLightningModule(LightningSideHelpers):
             self, "configure_optimizers"
         ):
             check_optimizer_states(ckpt.get("optimizer_states") or [], self._arguments.optimizer)
+        self._adapter.fill(model, ckpt)  # an adapter checkpoint: the base weights it left out
         load_checkpoint(model, ckpt)  # the Keras train_step's optimizers: checked, then assigned
         self._later_trainable.positions = list(ckpt.get(_LATER_TRAINABLE, []))
         self._pending_rng = checkpoint.on_load_checkpoint(trainer, ckpt)

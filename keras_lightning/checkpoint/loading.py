@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from keras_lightning import _private
+from keras_lightning.adapters import refuse_without_base
 from keras_lightning.checkpoint.config import (
     FORMAT_VERSION,
     HPARAMS_KEY,
@@ -101,6 +102,7 @@ def load_module(
     config = hparams.pop(HPARAMS_KEY, None)
     hparams.pop(DESCRIPTION_KEY, None)  # hparams["keras"]: a description, not an argument
     if "model" not in kwargs:
+        refuse_without_base(checkpoint, checkpoint_path)
         kwargs["model"] = rebuild_model(
             _stored_config(checkpoint, checkpoint_path), custom_objects, safe_mode
         )
@@ -135,6 +137,7 @@ def model_from_checkpoint(
 
     """
     checkpoint = load_checkpoint_file(checkpoint_path, "cpu", weights_only)
+    refuse_without_base(checkpoint, checkpoint_path)
     config = _stored_config(checkpoint, checkpoint_path)
     model = rebuild_model(config, custom_objects, safe_mode)
     state = checkpoint["state_dict"]

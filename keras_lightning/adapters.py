@@ -1,0 +1,155 @@
+"""Adapter checkpoints: a checkpoint that holds what training changed, not the frozen base.
+
+Fine-tuning with LoRA (``backbone.enable_lora(rank)``) or a frozen backbone trains a small
+part of a large model. ``KerasLightningModule(..., checkpoint_weights="trainable")`` writes
+checkpoints whose ``state_dict`` holds only:
+
+- the weights that can train (Keras-trainable, or requiring gradients), and
+- every other variable whose value changed since training started (moving statistics of a
+  layer that trains, seed states),
+
+so that a LoRA checkpoint of a large model is the size of its adapter. The weights left out
+are recorded with a fingerprint. Loading fills them from the module's model, which must be
+the same base (e.g. ``from_preset(base)`` with the same ``enable_lora`` call): a base whose
+weights differ from the fingerprints is refused, and nothing is loaded.
+"""
+
+from __future__ import annotations
+
+from keras_lightning._private import parameter_of
+from keras_lightning.checkpoint.keys import VARIABLES_PREFIX, stable_keys
+from keras_lightning.exceptions import CheckpointError, ConfigurationError
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+#: Top-level checkpoint key of an adapter checkpoint: the weights it leaves out.
+KEY = "keras_lightning_adapter"
+
+#: The values of ``KerasLightningModule(checkpoint_weights=...)``.
+CHOICES = ("all", "trainable")
+
+_Fingerprint = tuple[float, float]
+
+
+def check_choice(value: Any) -> str:
+    """``checkpoint_weights`` validated.
+
+    Raises:
+        ConfigurationError: ``value`` is not one of :data:`CHOICES`.
+
+    """
+    if value not in CHOICES:
+        raise ConfigurationError(
+            f"`checkpoint_weights` must be 'all' (every weight, the default) or 'trainable' "
+            f"(the weights that train and the state training changed: an adapter checkpoint); "
+            f"received {value!r}."
+        )
+    return str(value)
+
+
+def fingerprint(tensor: torch.Tensor) -> _Fingerprint:
+    """Sum and sum of squares in float64: equal for unchanged weights, on any device."""
+    values = tensor.detach().to(torch.float64)
+    return float(values.sum()), float(values.square().sum())
+
+
+def _same(a: _Fingerprint, b: _Fingerprint) -> bool:
+    # summation order differs between devices: allow float64 rounding, nothing more
+    return all(abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y)) for x, y in zip(a, b, strict=True))
+
+
+class AdapterState:
+    """What training started from, to tell the weights it changed from the frozen base."""
+
+    def __init__(self) -> None:
+        self._start: dict[str, _Fingerprint] = {}
+        #: Keys an adapter checkpoint that was loaded holds: they stay in later checkpoints.
+        self._kept: set[str] = set()
+
+    def start_training(self, model: Any) -> None:
+        """Fingerprint every variable as training starts (after a checkpoint was loaded)."""
+        self._start = {
+            key: fingerprint(parameter_of(variable))
+            for key, variable in zip(stable_keys(model), model.variables, strict=True)
+        }
+
+    def strip(self, model: Any, state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        """Remove the frozen, unchanged weights from ``state_dict`` (in place).
+
+        Returns the checkpoint entry (:data:`KEY`) recording the shapes and fingerprints of
+        the weights left out.
+        """
+        left_out: dict[str, Any] = {}
+        for key, variable in zip(stable_keys(model), model.variables, strict=True):
+            tensor = parameter_of(variable)
+            if variable.trainable or tensor.requires_grad or key in self._kept:
+                continue
+            now = fingerprint(tensor)
+            start = self._start.get(key)
+            if start is not None and not _same(start, now):
+                continue  # changed in training (moving statistics, seed state): kept
+            state_dict.pop(prefix + key, None)
+            left_out[key] = {"shape": tuple(tensor.shape), "fingerprint": now}
+        return {"format": 1, "left_out": left_out}
+
+    def fill(self, model: Any, checkpoint: Mapping[str, Any], prefix: str = "") -> None:
+        """Put the base weights an adapter checkpoint left out back into its ``state_dict``.
+
+        Raises:
+            CheckpointError: The model's weights are not the base the adapter was trained on.
+
+        """
+        entry = checkpoint.get(KEY)
+        if not entry:
+            return
+        state = checkpoint["state_dict"]
+        current = dict(zip(stable_keys(model), model.variables, strict=True))
+        differ = []
+        for key, saved in entry["left_out"].items():
+            variable = current.get(key)
+            if variable is None:
+                continue  # reported as missing when the state dict loads
+            tensor = parameter_of(variable)
+            if tuple(tensor.shape) != tuple(saved["shape"]) or not _same(
+                fingerprint(tensor), tuple(saved["fingerprint"])
+            ):
+                differ.append(key)
+                continue
+            state[prefix + key] = tensor.detach()
+        if differ:
+            shown = "\n  ".join(differ[:10]) + (
+                f"\n  ... ({len(differ) - 10} more)" if len(differ) > 10 else ""
+            )
+            raise CheckpointError(
+                "This is an adapter checkpoint (checkpoint_weights='trainable'): it holds the "
+                "trained weights only, and the frozen base weights come from the model being "
+                f"loaded into. {len(differ)} of those base weights differ from the ones it was "
+                f"trained on; nothing was loaded:\n  {shown}\nBuild the module on the same base "
+                "model first (e.g. keras_hub's from_preset(base) with the same enable_lora call) "
+                "and pass it: KerasLightningModule.load_from_checkpoint(path, model=base_model), "
+                "or trainer.fit(module_on_base, ckpt_path=path)."
+            )
+        self._kept = {
+            key.removeprefix(prefix)
+            for key in state
+            if key.startswith(prefix + VARIABLES_PREFIX) and key not in entry["left_out"]
+        }
+
+
+def refuse_without_base(checkpoint: Mapping[str, Any], path: Any) -> None:
+    """Refuse to rebuild a model from an adapter checkpoint alone (its base is not in it).
+
+    Raises:
+        CheckpointError: ``checkpoint`` is an adapter checkpoint.
+
+    """
+    if checkpoint.get(KEY):
+        raise CheckpointError(
+            f"{str(path)!r} is an adapter checkpoint (checkpoint_weights='trainable'): it "
+            "holds the trained weights only, not the frozen base weights, so no model can be "
+            "rebuilt from it alone. Load it onto its base model: "
+            "KerasLightningModule.load_from_checkpoint(path, model=base_model).model"
+        )
