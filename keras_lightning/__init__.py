@@ -33,6 +33,7 @@ from keras_lightning.lightning_tools import (  # noqa: E402
 from keras_lightning.losses import KerasLoss, TorchLoss, keras_loss, torch_loss  # noqa: E402
 from keras_lightning.module import KerasLightningModule  # noqa: E402
 from keras_lightning.optimizers import KerasOptimizer  # noqa: E402
+from keras_lightning.sharding import unshard  # noqa: E402
 
 import warnings  # noqa: E402
 from typing import Any  # noqa: E402
@@ -62,6 +63,7 @@ __all__ = [
     "keras_loss",
     "model_from_checkpoint",
     "torch_loss",
+    "unshard",
     "weights_module",
 ]
 

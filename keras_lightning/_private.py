@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -434,6 +434,54 @@ def restore_module_state(cls: type, checkpoint: dict[str, Any], strict: bool, **
     from lightning.pytorch.core.saving import _load_state
 
     return _load_state(cls, checkpoint, strict=strict, **kwargs)
+
+
+# ---------------------------------------------------------------------- sharding (FSDP2)
+
+
+def registered_slots(model: Any) -> list[tuple[Any, torch.nn.Module, str]]:
+    """Each Keras variable of ``model`` with one ``(module, name)`` torch registered it under.
+
+    FSDP2's ``fully_shard`` swaps the tensor registered there (``module._parameters[name]``)
+    between the shard and the gathered weight; :func:`follow_registered` makes the variable
+    read what is registered now.
+    """
+    owner: dict[int, tuple[torch.nn.Module, str]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                owner.setdefault(id(param), (module, name))
+    slots = []
+    for variable in model.variables:
+        found = owner.get(id(parameter_of(variable)))
+        if found is not None:
+            slots.append((variable, *found))
+    return slots
+
+
+def follow_registered(slots: list[tuple[Any, torch.nn.Module, str]]) -> None:
+    """Point each variable's stored tensor at the one registered in its slot now."""
+    for variable, module, name in slots:
+        variable._value = module._parameters[name]
+
+
+def replace_variable_tensors(model: Any, tensors: Mapping[int, torch.Tensor]) -> None:
+    """Give variables (by position in ``model.variables``) new tensors and register those."""
+    variables = model.variables
+    for index, tensor in tensors.items():
+        variables[index]._value = tensor
+    model._track_variables()
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """The part of ``param`` this rank holds: a ``DTensor``'s local shard, or ``param``."""
+    local = getattr(param, "_local_tensor", None)
+    return local if local is not None else param
+
+
+def tensor_parallel_size(strategy: Any) -> Any:
+    """``ModelParallelStrategy``'s ``tensor_parallel_size`` (it keeps no public property)."""
+    return getattr(strategy, "_tensor_parallel_size", 1)
 
 
 # ---------------------------------------------------------------------- torch

@@ -19,6 +19,7 @@ from keras_lightning import (
     hparams,
     precision,
     replicas,
+    sharding,
 )
 from keras_lightning.builtin_steps import Arguments, BuiltinSteps
 from keras_lightning.callbacks import check_trainer_callbacks
@@ -356,8 +357,17 @@ class KerasLightningModule(LightningSideHelpers):
             if batch is not None:
                 self.build_from_batch(batch)
         _private.track_variables(self.model)  # every variable a parameter Lightning sees
-        self._describe_hyperparameters()  # for loggers: the model, before the optimizers
         trainer = _private.attached_trainer(self)
+        if trainer is not None:  # FSDP2 under ModelParallelStrategy, where the model lives
+            sharding.check_strategy(
+                trainer.strategy,
+                optimizer=self._arguments.optimizer,
+                own_train_step=self._uses_keras_train_step(),
+                checkpoint_weights=self._checkpoint_weights,
+            )
+            if sharding.is_model_parallel(trainer.strategy):
+                sharding.shard(self.model, self.device_mesh["data_parallel"])
+        self._describe_hyperparameters()  # for loggers: the model, before the optimizers
         if trainer is not None:  # before Lightning converts the module (precision.py)
             precision.check_precision(trainer.precision, self.model)
             check_lightning_callbacks(trainer.callbacks, self)

@@ -211,7 +211,7 @@ def test_the_fine_tuned_task_exports_to_a_preset_plain_keras_hub_loads(preset, t
         exported.compile(sampler=sampler)
         reference.compile(sampler=sampler)
         generated = exported.generate(prompts, max_length=12, stop_token_ids=None)
-        assert all(len(text) > len(prompt) for text, prompt in zip(generated, prompts))
+        assert all(len(text) > len(prompt) for text, prompt in zip(generated, prompts, strict=True))
         assert generated == reference.generate(prompts, max_length=12, stop_token_ids=None)
 
 

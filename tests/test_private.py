@@ -523,3 +523,29 @@ def test_refresh_average_model_copies_a_module_whose_copy_has_no_model():
     assert built.model is not None and built.model is not module.model
     _private.refresh_average_model(swa, module)
     assert swa._average_model is built  # a copy that has its model is kept
+
+
+def test_registered_slots_follow_registered_and_replace_variable_tensors():
+    model = mlp(hidden=3)
+    slots = _private.registered_slots(model)
+    assert [v for v, _, _ in slots] == list(model.variables)
+    variable, module, name = slots[0]
+    assert module._parameters[name] is _private.parameter_of(variable)
+    swapped = torch.nn.Parameter(torch.zeros(tuple(variable.shape)))
+    module._parameters[name] = swapped  # what FSDP2 does between shard and gathered weight
+    _private.follow_registered(slots)
+    assert _private.parameter_of(variable) is swapped
+    again = torch.nn.Parameter(torch.ones(tuple(variable.shape)))
+    _private.replace_variable_tensors(model, {0: again})
+    assert _private.parameter_of(model.variables[0]) is again
+    assert any(p is again for p in model.parameters())
+
+
+def test_local_shard_and_tensor_parallel_size():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    plain = torch.ones(3)
+    assert _private.local_shard(plain) is plain
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    assert _private.tensor_parallel_size(strategy) == 1
+    assert _private.tensor_parallel_size(ModelParallelStrategy()) == "auto"

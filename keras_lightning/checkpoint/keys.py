@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from keras_lightning._private import parameter_of
 from keras_lightning.exceptions import CheckpointError
+from keras_lightning.sharding import is_sharded
 
 import re
 from collections.abc import Mapping
@@ -79,8 +80,8 @@ def state_dict_post_hook(
 ) -> None:
     """Replace the Keras model's raw keys in ``state_dict`` by stable keys (in place)."""
     model = getattr(module, "model", None)
-    if model is None or not model.variables:
-        return
+    if model is None or not model.variables or is_sharded(model):
+        return  # a sharded model: torch.distributed.checkpoint needs the raw names
     variables = model.variables
     for index, (key, aliases) in enumerate(
         zip(stable_keys(model), _raw_aliases(model), strict=True)
@@ -112,7 +113,7 @@ def _compare(
     module: Any, state_dict: Mapping[str, Any], prefix: str
 ) -> tuple[list[str], list[str], list[str]]:
     saved = [key for key in state_dict if key.startswith(prefix + VARIABLES_PREFIX)]
-    if not saved:
+    if not saved or is_sharded(getattr(module, "model", None)):
         return [], [], []
     model = _model_with_variables(module)
     variables = list(model.variables)
@@ -154,6 +155,12 @@ def load_state_dict_pre_hook(
         raise CheckpointError(mismatch_message(missing, unexpected, misshaped))
     if not any(key.startswith(prefix + VARIABLES_PREFIX) for key in state_dict):
         return
+    if is_sharded(getattr(module, "model", None)):
+        raise CheckpointError(
+            "This checkpoint was written by an unsharded module (stable keys); the module is "
+            "sharded (ModelParallelStrategy). Load it into the unsharded module first "
+            "(KerasLightningModule.load_from_checkpoint(path)), then train that one sharded."
+        )
     model = _model_with_variables(module)
     for key in unexpected:
         unexpected_keys.append(key)
@@ -209,7 +216,7 @@ def mismatch_message(missing: list[str], unexpected: list[str], misshaped: list[
 def load_state_dict_post_hook(module: torch.nn.Module, incompatible_keys: Any) -> None:
     """Report missing Keras variables under their stable keys (once, not once per alias)."""
     model = getattr(module, "model", None)
-    if model is None or not incompatible_keys.missing_keys:
+    if model is None or not incompatible_keys.missing_keys or is_sharded(model):
         return
     stable_of = {
         f"model.{alias}": key
