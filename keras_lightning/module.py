@@ -365,7 +365,7 @@ class KerasLightningModule(LightningSideHelpers):
                 own_train_step=self._uses_keras_train_step(),
                 checkpoint_weights=self._checkpoint_weights,
             )
-            if sharding.is_model_parallel(trainer.strategy):
+            if sharding.is_model_parallel(trainer.strategy) and self.device_mesh is not None:
                 sharding.shard(self.model, self.device_mesh["data_parallel"])
         self._describe_hyperparameters()  # for loggers: the model, before the optimizers
         if trainer is not None:  # before Lightning converts the module (precision.py)

@@ -97,6 +97,7 @@ def test_public_surface_is_pinned():
         "keras_loss",
         "model_from_checkpoint",
         "torch_loss",
+        "unshard",
         "weights_module",
     ]
     for name in kl.__all__:

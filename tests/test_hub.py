@@ -260,3 +260,13 @@ def test_a_frozen_backbone_then_unfrozen_trains_in_two_phases(preset):
     assert_same_weights(reference, task)
     trained = weights_of(task.backbone)
     assert any(not np.array_equal(frozen[k], trained[k]) for k in frozen)
+
+
+def test_the_lora_example_runs_in_fast_mode(tmp_path, monkeypatch):
+    import finetune_lora
+
+    monkeypatch.setattr(finetune_lora, "FAST", True)
+    results = finetune_lora.main(out=tmp_path)
+    assert results["adapter_checkpoint_bytes"] < results["preset_weights_bytes"]
+    assert results["trainable_weights"] < results["all_weights"] / 10
+    assert results["generated"].startswith("the")
