@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = [
     "SEED_STRIDE",
@@ -174,5 +175,6 @@ def sync_checkpoint_state(
     average_non_trainable(model)
     fresh = current()
     for key in state_dict:
-        if key in fresh:
+        # a sharded weight (a DTensor) stays as the strategy gathered or kept it
+        if key in fresh and not isinstance(fresh[key], DTensor):
             state_dict[key] = fresh[key]

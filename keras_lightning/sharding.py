@@ -18,8 +18,8 @@ Two things make a Keras model different from a torch module here:
   optimizer updates).
 
 Supported: the built-in steps with a torch optimizer (a class such as ``torch.optim.AdamW`` or
-a factory), data-parallel sharding (``tensor_parallel_size=1``), full and distributed
-checkpoints under raw parameter names. Refused before training: a Keras optimizer, the model's
+a factory), data-parallel sharding (``tensor_parallel_size=1``), single-file and distributed
+checkpoints under torch's raw parameter names. Refused before training: a Keras optimizer, the model's
 own ``train_step``, ``checkpoint_weights="trainable"``, tensor parallelism, ``FSDPStrategy``
 and DeepSpeed (each message names what works). :func:`unshard` gathers the full model (for a
 ``.keras`` export or ``save_to_preset``; not to train on).

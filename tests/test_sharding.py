@@ -70,11 +70,26 @@ def test_each_rank_holds_only_its_shard_while_training(runs: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_a_distributed_checkpoint_resumes_exactly(runs: Path) -> None:
+@pytest.mark.parametrize("kind", ["full", "distributed"])
+def test_a_checkpoint_resumes_exactly(runs: Path, kind: str) -> None:
     straight = _weights(runs, "sharded", 0)
     for rank in (0, 1):
-        for a, b in zip(_weights(runs, "resumed_distributed", rank), straight, strict=True):
+        for a, b in zip(_weights(runs, f"resumed_{kind}", rank), straight, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.timeout(300)
+def test_a_single_file_checkpoint_of_a_sharded_run_loads_unsharded(runs: Path, tmp_path) -> None:
+    sys.path.insert(0, str(HERE / "scale_out"))
+    import fsdp_run
+
+    module = kl.KerasLightningModule.load_from_checkpoint(
+        runs / "epoch1_full.ckpt", model=fsdp_run.build(), optimizer=None, weights_only=False
+    )
+    expected = _weights(runs, "epoch1_full", 0)
+    for variable, value in zip(module.model.variables, expected, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
+    module.model.save(tmp_path / "from_checkpoint.keras")
 
 
 @pytest.mark.timeout(300)

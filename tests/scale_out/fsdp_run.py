@@ -9,8 +9,8 @@ Every Trainer here runs on both ranks (Lightning starts the second process once)
 1. ``ddp``: DDPStrategy, 2 epochs: the reference weights.
 2. ``sharded``: ModelParallelStrategy(data_parallel_size=2), 2 epochs, the same data;
    records what each rank holds (weights and optimizer state) while training.
-3. ``resumed_distributed``: 1 sharded epoch, a distributed checkpoint (the strategy's
-   default: a folder of shards), then resumed from it to 2 epochs.
+3. ``resumed_full`` / ``resumed_distributed``: 1 sharded epoch, a checkpoint (one file, or
+   the strategy's default: a folder of shards), then resumed from it to 2 epochs.
 
 Each rank writes ``DIR/<run>_rank<r>.npz`` / ``.json``; rank 0 exports the sharded run's
 model to ``DIR/sharded.keras``.
@@ -140,15 +140,15 @@ def main() -> None:
     if rank == 0:
         trained.model.save(out / "sharded.keras")
 
-    # a full-file checkpoint (save_distributed_checkpoint=False) is written but does not load
-    # back yet: torch's set_model_state_dict broadcasts into the DTensors (see the README)
-    for kind, distributed in (("distributed", True),):
+    # a single file (save_distributed_checkpoint=False) and the default folder of shards
+    for kind, distributed in (("full", False), ("distributed", True)):
         first = module()
         path = out / f"epoch1_{kind}.ckpt"
         one = trainer(sharded(save_distributed_checkpoint=distributed), 1,
                       enable_checkpointing=False)
         one.fit(first, data())
         one.save_checkpoint(path)
+        save(out, f"epoch1_{kind}", rank, full_weights(first))
         resumed = module()
         again = trainer(sharded(save_distributed_checkpoint=distributed), 2,
                         enable_checkpointing=False)
