@@ -470,7 +470,9 @@ def replace_variable_tensors(model: Any, tensors: Mapping[int, torch.Tensor]) ->
     variables = model.variables
     for index, tensor in tensors.items():
         variables[index]._value = tensor
-    model._track_variables()
+    for layer in list(model.modules()):  # the model, its sublayers and Sequential's _functional
+        if "_torch_params" in getattr(layer, "_modules", {}):
+            layer._track_variables()
 
 
 def local_shard(param: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from keras_lightning._private import parameter_of
 from keras_lightning.checkpoint.keys import VARIABLES_PREFIX, stable_keys
 from keras_lightning.exceptions import CheckpointError, ConfigurationError
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,8 +31,7 @@ KEY = "keras_lightning_adapter"
 #: The values of ``KerasLightningModule(checkpoint_weights=...)``.
 CHOICES = ("all", "trainable")
 
-_Fingerprint = tuple[float, float]
-
+_Fingerprint = tuple[float, float, float]
 
 def check_choice(value: Any) -> str:
     """``checkpoint_weights`` validated.
@@ -50,13 +49,29 @@ def check_choice(value: Any) -> str:
     return str(value)
 
 
+#: Elements summed at once in float64 (bounds the transient memory of a fingerprint).
+_CHUNK = 1 << 22
+
+
 def fingerprint(tensor: torch.Tensor) -> _Fingerprint:
-    """Sum and sum of squares in float64: equal for unchanged weights, on any device."""
-    values = tensor.detach().to(torch.float64)
-    return float(values.sum()), float(values.square().sum())
+    """Sum, sum of squares and a position-weighted sum, in float64.
+
+    Equal for unchanged weights on any device (up to float64 rounding, see :func:`_same`); the
+    position weights tell a permuted or transposed weight from the original.
+    """
+    flat = tensor.detach().reshape(-1)
+    totals = torch.zeros(3, dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK].to(torch.float64)
+        positions = torch.arange(
+            start, start + chunk.numel(), dtype=torch.float64, device=chunk.device
+        ).remainder_(9973)
+        totals += torch.stack([chunk.sum(), chunk.square().sum(), (chunk * positions).sum()])
+    first, second, third = totals.tolist()
+    return first, second, third
 
 
-def _same(a: _Fingerprint, b: _Fingerprint) -> bool:
+def _same(a: Sequence[float], b: Sequence[float]) -> bool:
     # summation order differs between devices: allow float64 rounding, nothing more
     return all(abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y)) for x, y in zip(a, b, strict=True))
 
@@ -74,6 +89,7 @@ class AdapterState:
         self._start = {
             key: fingerprint(parameter_of(variable))
             for key, variable in zip(stable_keys(model), model.variables, strict=True)
+            if not (variable.trainable or parameter_of(variable).requires_grad)
         }
 
     def strip(self, model: Any, state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -89,10 +105,14 @@ class AdapterState:
                 continue
             now = fingerprint(tensor)
             start = self._start.get(key)
-            if start is not None and not _same(start, now):
+            if start is not None and start != now:  # same tensor, same device: exact
                 continue  # changed in training (moving statistics, seed state): kept
             state_dict.pop(prefix + key, None)
-            left_out[key] = {"shape": tuple(tensor.shape), "fingerprint": now}
+            left_out[key] = {
+                "shape": tuple(tensor.shape),
+                "dtype": str(tensor.dtype).removeprefix("torch."),
+                "fingerprint": now,
+            }
         return {"format": 1, "left_out": left_out}
 
     def fill(self, model: Any, checkpoint: Mapping[str, Any], prefix: str = "") -> None:
@@ -113,10 +133,15 @@ class AdapterState:
             if variable is None:
                 continue  # reported as missing when the state dict loads
             tensor = parameter_of(variable)
-            if tuple(tensor.shape) != tuple(saved["shape"]) or not _same(
-                fingerprint(tensor), tuple(saved["fingerprint"])
-            ):
-                differ.append(key)
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            if tuple(tensor.shape) != tuple(saved["shape"]) or dtype != saved.get("dtype", dtype):
+                differ.append(
+                    f"{key}: trained on {tuple(saved['shape'])} {saved.get('dtype')}, "
+                    f"the model has {tuple(tensor.shape)} {dtype}"
+                )
+                continue
+            if not _same(fingerprint(tensor), tuple(saved["fingerprint"])):
+                differ.append(f"{key}: other values")
                 continue
             state[prefix + key] = tensor.detach()
         if differ:

@@ -364,6 +364,9 @@ class KerasLightningModule(LightningSideHelpers):
                 optimizer=self._arguments.optimizer,
                 own_train_step=self._uses_keras_train_step(),
                 checkpoint_weights=self._checkpoint_weights,
+                model=self.model,
+                fitting=_private.fitting(trainer),
+                own_optimizers=_overrides(self, "configure_optimizers"),
             )
             if sharding.is_model_parallel(trainer.strategy) and self.device_mesh is not None:
                 sharding.shard(self.model, self.device_mesh["data_parallel"])

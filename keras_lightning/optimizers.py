@@ -861,6 +861,9 @@ class LaterTrainable:
         new = [p for p in self._unowned if p.requires_grad]
         if not new:
             return
+        from keras_lightning.sharding import refuse_later_trainable
+
+        refuse_later_trainable(model, len(new))
         self._append(optimizer, model, new)
         names = {id(parameter_of(v)): v.path for v in model.variables}
         from lightning.pytorch.utilities.rank_zero import rank_zero_info

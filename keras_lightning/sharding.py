@@ -18,10 +18,11 @@ Two things make a Keras model different from a torch module here:
   optimizer updates).
 
 Supported: the built-in steps with a torch optimizer (a class such as ``torch.optim.AdamW`` or
-a factory), data-parallel sharding (``tensor_parallel_size=1``), single-file and distributed
-checkpoints under torch's raw parameter names. Refused before training: a Keras optimizer, the model's
-own ``train_step``, ``checkpoint_weights="trainable"``, tensor parallelism, ``FSDPStrategy``
-and DeepSpeed (each message names what works). :func:`unshard` gathers the full model (for a
+a factory), data-parallel sharding (``tensor_parallel_size=1``), single-file and
+distributed checkpoints under torch's raw parameter names. Refused before training: a Keras
+optimizer, the model's own ``train_step``, ``checkpoint_weights="trainable"``, weight
+regularizers, tensor parallelism, ``FSDPStrategy`` and DeepSpeed; and weights unfrozen
+during training (each message names what works). :func:`unshard` gathers the full model (for a
 ``.keras`` export or ``save_to_preset``; not to train on).
 """
 
@@ -56,13 +57,22 @@ def is_model_parallel(strategy: Any) -> bool:
 
 
 def check_strategy(
-    strategy: Any, *, optimizer: Any, own_train_step: bool, checkpoint_weights: str
+    strategy: Any,
+    *,
+    optimizer: Any,
+    own_train_step: bool,
+    checkpoint_weights: str,
+    model: Any = None,
+    fitting: bool = True,
+    own_optimizers: bool = False,
 ) -> None:
     """Refuse, before training, the sharded set-ups that cannot train a Keras model right.
 
     Raises:
         ConfigurationError: FSDP1 or DeepSpeed, tensor parallelism, a Keras optimizer or the
-            model's own ``train_step`` under sharding, or adapter checkpoints under sharding.
+            model's own ``train_step`` under sharding, adapter checkpoints or weight
+            regularizers under sharding. ``fitting=False`` (validate, test, predict) checks
+            the strategy only; ``own_optimizers``: ``configure_optimizers`` is overridden.
 
     """
     name = _strategy_name(strategy)
@@ -87,6 +97,8 @@ def check_strategy(
             "would split single Keras weights across ranks, which a Keras layer cannot "
             f"compute with. {works}."
         )
+    if not fitting:
+        return
     if own_train_step:
         raise ConfigurationError(
             "The Keras model defines its own train_step, which creates and steps its own Keras "
@@ -94,13 +106,26 @@ def check_strategy(
             "do not know. Train it with DDPStrategy, or move the loss into "
             "compute_loss() and let the module step a torch optimizer."
         )
-    if optimizer is None or isinstance(optimizer, str | keras.optimizers.Optimizer):
-        shown = "the model's compile() optimizer" if optimizer is None else repr(optimizer)
+    if not own_optimizers and (
+        optimizer is None or isinstance(optimizer, str | keras.optimizers.Optimizer)
+    ):
+        shown = "no optimizer" if optimizer is None else f"{optimizer!r}, a Keras optimizer"
         raise ConfigurationError(
             f"Under ModelParallelStrategy the optimizer must be a torch optimizer, which "
-            f"updates each rank's weight shards (DTensors); received {shown}, a Keras "
-            f"optimizer. Pass optimizer=torch.optim.AdamW (a class) or "
+            f"updates each rank's weight shards (DTensors); received {shown}. Pass "
+            f"optimizer=torch.optim.AdamW (a class) or "
             f"optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3)."
+        )
+    regularized = [
+        v.path for v in getattr(model, "trainable_variables", []) if getattr(v, "regularizer", None)
+    ]
+    if regularized:
+        raise ConfigurationError(
+            f"{len(regularized)} weights of the Keras model have a regularizer "
+            f"({', '.join(regularized[:3])}); Keras computes its loss from the weights after the "
+            "forward, when under ModelParallelStrategy they are shards. Remove the "
+            "regularizers and use the optimizer's weight decay (torch.optim.AdamW), or train "
+            "with DDPStrategy."
         )
     if checkpoint_weights != "all":
         raise ConfigurationError(
@@ -144,6 +169,24 @@ def shard(model: Any, mesh: Any) -> None:
     setattr(model, _SHARDED, (handles, original_class))
 
 
+def refuse_later_trainable(model: Any, count: int) -> None:
+    """Refuse weights that start to train after a sharded model's groups were made.
+
+    Raises:
+        ConfigurationError: ``model`` is sharded: those weights were left out of the sharded
+            group (frozen then), so no rank would average their gradients.
+
+    """
+    if is_sharded(model):
+        raise ConfigurationError(
+            f"{count} weights of the sharded Keras model started to train after it was sharded "
+            "(a layer unfrozen during training, e.g. by BackboneFinetuning). Frozen weights "
+            "stay out of the sharded group, so their gradients would differ per rank. Under "
+            "ModelParallelStrategy, unfreeze before trainer.fit (a second fit for a second "
+            "phase), or train with DDPStrategy."
+        )
+
+
 def local_numel(module: torch.nn.Module) -> int:
     """How many weight elements this rank holds (a ``DTensor`` counts its local shard)."""
     return sum(_private.local_shard(param).numel() for param in module.parameters())
@@ -179,7 +222,7 @@ def unshard(module: Any) -> keras.Model:
             if isinstance(value, DTensor):
                 tensor = value.full_tensor().detach().clone()
                 full[index] = torch.nn.Parameter(tensor, requires_grad=value.requires_grad)
-    _private.replace_variable_tensors(model, full)  # registered in place of the shards
+    _private.replace_variable_tensors(model, full)  # registered in place of the shards, everywhere
     setattr(model, _SHARDED, None)
     model.__class__ = original_class  # Keras saves the class: not FSDP's subclass of it
     return model

@@ -143,7 +143,8 @@ def test_an_adapter_checkpoint_is_small_and_resumes_exactly_on_the_base(preset, 
     make_trainer(max_epochs=2).fit(
         resumed, text_batches(resumed.model), ckpt_path=saver.last_model_path
     )
-    assert_same_weights(straight.model, resumed.model, atol=1e-6)
+    for a, b in zip(straight.model.variables, resumed.model.variables, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
 
 
 def test_an_adapter_checkpoint_refuses_another_base_and_a_rebuild_alone(preset, tmp_path):

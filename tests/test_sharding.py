@@ -123,5 +123,38 @@ def test_set_ups_that_cannot_shard_a_keras_model_are_refused_with_the_one_that_w
         check(model_parallel, own_train_step=True)
     with pytest.raises(kl.ConfigurationError, match="checkpoint_weights='trainable'"):
         check(model_parallel, weights="trainable")
+    regularized = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(2, kernel_regularizer="l2", name="reg")]
+    )
+    with pytest.raises(kl.ConfigurationError, match=r"1 weights .*regularizer.*reg/kernel.*AdamW"):
+        sharding.check_strategy(
+            model_parallel, optimizer=torch.optim.Adam, own_train_step=False,
+            checkpoint_weights="all", model=regularized,
+        )
+    # validate / test / predict, and a configure_optimizers of the user's: nothing to refuse
+    sharding.check_strategy(
+        model_parallel, optimizer="adam", own_train_step=True, checkpoint_weights="all",
+        fitting=False,
+    )
+    sharding.check_strategy(
+        model_parallel, optimizer=None, own_train_step=False, checkpoint_weights="all",
+        own_optimizers=True,
+    )
     check(model_parallel)  # a torch optimizer, data-parallel sharding: accepted
     check(DDPStrategy(), optimizer="adam")  # not sharded: anything goes
+
+
+def test_a_weight_unfrozen_after_sharding_is_refused():
+    from keras_lightning.optimizers import LaterTrainable
+
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, name="base"), keras.layers.Dense(2)]
+    )
+    model.get_layer("base").trainable = False
+    optimizer = torch.optim.SGD([v.value for v in model.trainable_variables], lr=0.1)
+    later = LaterTrainable()
+    later.adopt(optimizer, model)  # nothing unfrozen: nothing to do
+    model.get_layer("base").trainable = True
+    setattr(model, sharding._SHARDED, ([], type(model)))  # as shard() leaves it
+    with pytest.raises(kl.ConfigurationError, match="2 weights .* after it was sharded.*before"):
+        later.adopt(optimizer, model)
