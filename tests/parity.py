@@ -120,3 +120,31 @@ def batches(*arrays: Any, batch_size: int) -> KeptBatches:
 def samples_loader(data: Any, batch_size: int) -> torch.utils.data.DataLoader:
     """An unshuffled DataLoader over a list of samples (dicts or tuples) or a TensorDataset."""
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def tiny_bert_classifier(seed: int, num_layers: int = 2) -> Any:
+    """A keras_hub BertTextClassifier built from its config (no preset), seeded."""
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=64, num_layers=num_layers, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=12, dropout=0.0,
+    )
+    # the task compiles itself with keras_hub's defaults (Adam 5e-5, sparse CE, accuracy)
+    return keras_hub.models.BertTextClassifier(
+        backbone, num_classes=3, preprocessor=None, dropout=0.0
+    )
+
+
+def bert_batches(seed: int, n: int) -> tuple[dict[str, np.ndarray], np.ndarray, Any]:
+    """Token features and labels for :func:`tiny_bert_classifier`, and a loader of both."""
+    rng = np.random.default_rng(seed)
+    features = {
+        "token_ids": rng.integers(1, 64, size=(n, 12)).astype("int32"),
+        "segment_ids": np.zeros((n, 12), dtype="int32"),
+        "padding_mask": np.ones((n, 12), dtype="bool"),
+    }
+    labels = rng.integers(0, 3, size=n).astype("int64")
+    samples = [({k: v[i] for k, v in features.items()}, labels[i]) for i in range(n)]
+    return features, labels, torch.utils.data.DataLoader(samples, batch_size=8)

@@ -19,7 +19,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_trainer
-from parity import EpochValues, assert_same_history, assert_same_weights
+from parity import (
+    EpochValues,
+    assert_same_history,
+    assert_same_weights,
+    bert_batches,
+    tiny_bert_classifier,
+)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("keras_hub") is None, reason="needs keras-hub (Python 3.11+)"
@@ -216,28 +222,11 @@ def test_the_fine_tuned_task_exports_to_a_preset_plain_keras_hub_loads(preset, t
         assert generated == reference.generate(prompts, max_length=12, stop_token_ids=None)
 
 
-def test_a_frozen_backbone_then_unfrozen_trains_in_two_phases(preset):
-    import keras_hub
-
+def test_a_frozen_backbone_then_unfrozen_trains_in_two_phases():
     def classifier():
-        keras.utils.set_random_seed(5)
-        backbone = keras_hub.models.BertBackbone(
-            vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
-            intermediate_dim=32, max_sequence_length=12, dropout=0.0,
-        )
-        return keras_hub.models.BertTextClassifier(
-            backbone, num_classes=3, preprocessor=None, dropout=0.0
-        )
+        return tiny_bert_classifier(seed=5, num_layers=1)
 
-    rng = np.random.default_rng(6)
-    features = {
-        "token_ids": rng.integers(1, 64, size=(16, 12)).astype("int32"),
-        "segment_ids": np.zeros((16, 12), dtype="int32"),
-        "padding_mask": np.ones((16, 12), dtype="bool"),
-    }
-    labels = rng.integers(0, 3, size=16).astype("int64")
-    samples = [({k: v[i] for k, v in features.items()}, labels[i]) for i in range(16)]
-    data = torch.utils.data.DataLoader(samples, batch_size=8)
+    features, labels, data = bert_batches(seed=6, n=16)
 
     # Keras: freeze, compile, fit; unfreeze, compile again (a fresh optimizer), fit
     reference = classifier()

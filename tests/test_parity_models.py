@@ -16,9 +16,15 @@ import importlib.util
 import keras
 import numpy as np
 import pytest
-import torch
 from conftest import loader
-from parity import assert_same_history, assert_same_weights, keras_fit, lightning_fit
+from parity import (
+    assert_same_history,
+    assert_same_weights,
+    bert_batches,
+    keras_fit,
+    lightning_fit,
+    tiny_bert_classifier,
+)
 
 
 def _images(count: int, seed: int, size: int = 32, classes: int = 4):
@@ -104,31 +110,13 @@ def test_masked_lstm_classifier_with_a_frozen_embedding_trains_as_under_keras_fi
 
 @pytest.mark.skipif(importlib.util.find_spec("keras_hub") is None, reason="needs keras-hub")
 def test_keras_hub_text_classifier_from_config_trains_as_under_keras_fit():
-    import keras_hub
-
     def make():
-        keras.utils.set_random_seed(23)
-        backbone = keras_hub.models.BertBackbone(
-            vocabulary_size=64, num_layers=2, num_heads=2, hidden_dim=16,
-            intermediate_dim=32, max_sequence_length=12, dropout=0.0,
-        )
-        # the task compiles itself with keras_hub's defaults (Adam 5e-5, sparse CE, accuracy)
-        return keras_hub.models.BertTextClassifier(
-            backbone, num_classes=3, preprocessor=None, dropout=0.0
-        )
+        return tiny_bert_classifier(seed=23)
 
-    rng = np.random.default_rng(4)
-    features = {
-        "token_ids": rng.integers(1, 64, size=(32, 12)).astype("int32"),
-        "segment_ids": np.zeros((32, 12), dtype="int32"),
-        "padding_mask": np.ones((32, 12), dtype="bool"),
-    }
-    labels = rng.integers(0, 3, size=32).astype("int64")
+    features, labels, data = bert_batches(seed=4, n=32)
     reference, history = keras_fit(
         make, features, labels, batch_size=8, epochs=1, validation_data=(features, labels)
     )
-    samples = [({k: v[i] for k, v in features.items()}, labels[i]) for i in range(32)]
-    data = torch.utils.data.DataLoader(samples, batch_size=8)
     model, logged, module = lightning_fit(make, data, data, epochs=1)
     # every variable is a parameter Lightning sees (the task registers none by itself)
     assert sum(p.numel() for p in module.parameters()) == sum(
