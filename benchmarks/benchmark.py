@@ -91,6 +91,11 @@ LABELS = {
     "z_lightning_floor": "(z) Lightning's loop alone (floor)",
 }
 LR = 1e-3
+QUICK_JIT_SKIPPED = (
+    "not run in --quick mode (a smoke run of the benchmark's machinery): Keras' "
+    "jit_compile=True spends most of a minute compiling before its first step; the full run "
+    "measures it."
+)
 CONV_JIT_SKIPPED = (
     "not run by default: on torch 2.13 (CPU), Keras' jit_compile=True (torch.compile with "
     "inductor over Keras' whole train step) on this conv model either failed with "
@@ -586,6 +591,8 @@ def run_device(
         for runner in runners:
             if runner.name == "c_keras_fit_jit" and workload.name == "conv" and not args.conv_jit:
                 runner.skipped = CONV_JIT_SKIPPED
+            elif runner.name == "c_keras_fit_jit" and args.quick:
+                runner.skipped = QUICK_JIT_SKIPPED
             if runner.name == INDUCTOR and workload.name == "conv" and not args.conv_jit:
                 runner.skipped = CONV_INDUCTOR_SKIPPED
         for repeat in range(args.repeats):
