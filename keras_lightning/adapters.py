@@ -76,6 +76,14 @@ def _same(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y)) for x, y in zip(a, b, strict=True))
 
 
+def _can_train(variable: Any) -> bool:
+    return bool(variable.trainable or parameter_of(variable).requires_grad)
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
 class AdapterState:
     """What training started from, to tell the weights it changed from the frozen base."""
 
@@ -89,10 +97,10 @@ class AdapterState:
         self._start = {
             key: fingerprint(parameter_of(variable))
             for key, variable in zip(stable_keys(model), model.variables, strict=True)
-            if not (variable.trainable or parameter_of(variable).requires_grad)
+            if not _can_train(variable)
         }
 
-    def strip(self, model: Any, state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    def strip(self, model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Remove the frozen, unchanged weights from ``state_dict`` (in place).
 
         Returns the checkpoint entry (:data:`KEY`) recording the shapes and fingerprints of
@@ -100,22 +108,22 @@ class AdapterState:
         """
         left_out: dict[str, Any] = {}
         for key, variable in zip(stable_keys(model), model.variables, strict=True):
-            tensor = parameter_of(variable)
-            if variable.trainable or tensor.requires_grad or key in self._kept:
+            if _can_train(variable) or key in self._kept:
                 continue
+            tensor = parameter_of(variable)
             now = fingerprint(tensor)
             start = self._start.get(key)
             if start is not None and start != now:  # same tensor, same device: exact
                 continue  # changed in training (moving statistics, seed state): kept
-            state_dict.pop(prefix + key, None)
+            state_dict.pop(key, None)
             left_out[key] = {
                 "shape": tuple(tensor.shape),
-                "dtype": str(tensor.dtype).removeprefix("torch."),
+                "dtype": _dtype_name(tensor),
                 "fingerprint": now,
             }
         return {"format": 1, "left_out": left_out}
 
-    def fill(self, model: Any, checkpoint: Mapping[str, Any], prefix: str = "") -> None:
+    def fill(self, model: Any, checkpoint: Mapping[str, Any]) -> None:
         """Put the base weights an adapter checkpoint left out back into its ``state_dict``.
 
         Raises:
@@ -133,7 +141,7 @@ class AdapterState:
             if variable is None:
                 continue  # reported as missing when the state dict loads
             tensor = parameter_of(variable)
-            dtype = str(tensor.dtype).removeprefix("torch.")
+            dtype = _dtype_name(tensor)
             if tuple(tensor.shape) != tuple(saved["shape"]) or dtype != saved.get("dtype", dtype):
                 differ.append(
                     f"{key}: trained on {tuple(saved['shape'])} {saved.get('dtype')}, "
@@ -143,7 +151,7 @@ class AdapterState:
             if not _same(fingerprint(tensor), tuple(saved["fingerprint"])):
                 differ.append(f"{key}: other values")
                 continue
-            state[prefix + key] = tensor.detach()
+            state[key] = tensor.detach()
         if differ:
             shown = "\n  ".join(differ[:10]) + (
                 f"\n  ... ({len(differ) - 10} more)" if len(differ) > 10 else ""
@@ -157,11 +165,8 @@ class AdapterState:
                 "and pass it: KerasLightningModule.load_from_checkpoint(path, model=base_model), "
                 "or trainer.fit(module_on_base, ckpt_path=path)."
             )
-        self._kept = {
-            key.removeprefix(prefix)
-            for key in state
-            if key.startswith(prefix + VARIABLES_PREFIX) and key not in entry["left_out"]
-        }
+        left_out = entry["left_out"]
+        self._kept = {k for k in state if k.startswith(VARIABLES_PREFIX) and k not in left_out}
 
 
 def refuse_without_base(checkpoint: Mapping[str, Any], path: Any) -> None:

@@ -45,10 +45,6 @@ def is_sharded(model: Any) -> bool:
     return bool(getattr(model, _SHARDED, None))
 
 
-def _strategy_name(strategy: Any) -> str:
-    return type(strategy).__name__
-
-
 def is_model_parallel(strategy: Any) -> bool:
     """True for Lightning's ``ModelParallelStrategy`` (FSDP2 applied in ``configure_model``)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -75,7 +71,7 @@ def check_strategy(
             the strategy only; ``own_optimizers``: ``configure_optimizers`` is overridden.
 
     """
-    name = _strategy_name(strategy)
+    name = type(strategy).__name__
     works = (
         "Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) (FSDP2, on "
         "CPUs with gloo and on GPUs) with a torch optimizer, e.g. "
