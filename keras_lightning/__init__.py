@@ -34,6 +34,7 @@ from keras_lightning.losses import KerasLoss, TorchLoss, keras_loss, torch_loss 
 from keras_lightning.module import KerasLightningModule  # noqa: E402
 from keras_lightning.optimizers import KerasOptimizer  # noqa: E402
 from keras_lightning.sharding import unshard  # noqa: E402
+from keras_lightning.whole_step import WholeStepStats  # noqa: E402
 
 import warnings  # noqa: E402
 from typing import Any  # noqa: E402
@@ -64,6 +65,7 @@ __all__ = [
     "model_from_checkpoint",
     "torch_loss",
     "unshard",
+    "WholeStepStats",
     "weights_module",
 ]
 

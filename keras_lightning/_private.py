@@ -422,6 +422,48 @@ def count_manual_optimizer_step(trainer: Any) -> None:
     progress.increment_completed()
 
 
+def count_whole_step(trainer: Any) -> None:
+    """Advance ``trainer.global_step`` by one for an update a ``jit_compile="step"`` graph made.
+
+    Counted on both of Lightning's step counters (manual and automatic optimization), so that a
+    checkpoint of a fast-mode run resumes with the right ``global_step`` eagerly too (Lightning
+    reads the automatic counter there), and one of an eager run resumes in fast mode
+    (:func:`align_step_counters`).
+    """
+    count_manual_optimizer_step(trainer)
+    progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
+    progress.increment_ready()
+    progress.increment_completed()
+
+
+def align_step_counters(trainer: Any) -> None:
+    """Start the manual step counter where an eagerly trained checkpoint's automatic one is."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    automatic = epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+    manual = epoch_loop.manual_optimization.optim_step_progress.total
+    if automatic.completed > manual.completed:
+        manual.ready = manual.completed = automatic.completed
+
+
+def tracing_autograd() -> Any:
+    """Dynamo traces through ``torch.autograd.grad`` instead of breaking the graph there."""
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(trace_autograd_ops=True)
+
+
+def forget_compiled(fn: Any) -> None:
+    """Drop dynamo's cache entries of ``fn``'s code (a graph kept elsewhere stays usable).
+
+    Dynamo keeps one entry per compile of a code object and refuses more than
+    ``recompile_limit`` of them; each capture of :class:`~keras_lightning.replay.Replay`
+    compiles the same code, for another model or key, and keeps the graph itself.
+    """
+    from torch._dynamo.eval_frame import remove_from_cache
+
+    remove_from_cache(fn)
+
+
 def load_checkpoint_file(path: Any, map_location: Any, weights_only: bool | None) -> Any:
     """Lightning's checkpoint reader (local paths, URLs, fsspec filesystems)."""
     from lightning.fabric.utilities.cloud_io import _load

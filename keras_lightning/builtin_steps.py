@@ -11,7 +11,7 @@ a hand-written ``training_step`` logs exactly what the built-in one logs.
 from __future__ import annotations
 
 from keras_lightning import _private, collectives
-from keras_lightning.compiled import CompiledStep, CompileStats
+from keras_lightning.compiled import WHOLE_STEP_MODES, CompiledStep, CompileStats
 from keras_lightning.data import (
     align_targets,
     batch_size_of,
@@ -38,6 +38,8 @@ from keras_lightning.keras_model import (
 from keras_lightning.lightning_side import LightningSideHelpers, running_stage
 from keras_lightning.metrics import bind_metrics
 from keras_lightning.objective import Objective
+from keras_lightning.whole_step import WholeStep, WholeStepStats, hosting
+from keras_lightning.whole_step import gradient_carrier, not_whole_reason, write_gradients
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -75,6 +77,14 @@ class Arguments:
     lr_scheduler: Any = None
     #: The names of the arguments given to the module (the others may come from compile()).
     given: frozenset[str] = frozenset()
+
+
+def optimizer_built(optimizer: Any) -> bool:
+    """Whether the optimizer's state exists (a Keras optimizer builds on its first update)."""
+    keras_optimizers = getattr(optimizer, "keras_optimizers", None)
+    if keras_optimizers is None:
+        return True
+    return all(o.built for o in keras_optimizers)
 
 
 def step_loss_wanted(trainer: Any, batch_idx: int) -> bool:
@@ -166,6 +176,10 @@ class BuiltinSteps:
         self.arguments = arguments
         self.compile_backend = compile_backend
         self.compiled_step: CompiledStep | None = None
+        # jit_compile="step": the whole step captured (whole_step.py)
+        self.whole = None
+        if compile_backend in WHOLE_STEP_MODES:
+            self.whole = WholeStep(self, "aot_eager" if compile_backend.endswith("aot_eager") else "inductor")
         self.objective: Objective | None = None
         self.stages = {stage: EpochState(prefix) for stage, prefix in STAGE_PREFIX.items()}
         # several validation / test dataloaders: the states of dataloader 1, 2, ... of a stage
@@ -179,8 +193,10 @@ class BuiltinSteps:
         self._own_compute_loss: bool | None = None
 
     @property
-    def compile_stats(self) -> CompileStats | None:
+    def compile_stats(self) -> CompileStats | WholeStepStats | None:
         """What ``torch.compile`` did, or None before the first compiled call."""
+        if self.whole is not None:
+            return self.whole.stats
         return None if self.compiled_step is None else self.compiled_step.stats
 
     # ------------------------------------------------------------ loss
@@ -265,7 +281,10 @@ class BuiltinSteps:
         if self.compile_backend is None or self.objective is None:
             return self._forward_and_loss
         if self.compiled_step is None:
-            self.compiled_step = CompiledStep(self._forward_and_loss, self.compile_backend)
+            backend = self.compile_backend
+            if backend in WHOLE_STEP_MODES:
+                backend = "aot_eager" if backend.endswith("aot_eager") else "inductor"
+            self.compiled_step = CompiledStep(self._forward_and_loss, backend)
         return self.compiled_step
 
     # ------------------------------------------------------------ metrics
@@ -349,22 +368,74 @@ class BuiltinSteps:
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y, sample_weight = unpack_batch(batch)
         with self.host.keras_scope():
-            y_pred, loss, output_losses = self._step_function()(
-                x, y, sample_weight, stage == "train"
-            )
-            state = self.stage_state(stage, y_pred, y)
-            count = batch_size_of(x)
-            for name, value in output_losses.items():
-                state.add_mean(name, value, count)
-            self.update_metrics(stage, y_pred, y, sample_weight, loss)
+            if self.whole is not None and stage != "train" and self.objective is not None:
+                y_pred, loss, output_losses = self.whole.evaluate(x, y, sample_weight)
+            else:
+                y_pred, loss, output_losses = self._step_function()(
+                    x, y, sample_weight, stage == "train"
+                )
+            self._account(stage, x, y, sample_weight, y_pred, loss, output_losses)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Forward, loss and metrics on ``batch``; Lightning does backward and the update."""
-        loss = self._shared_step(batch, "train")
-        if step_loss_wanted(_private.attached_trainer(self.host), batch_idx):
+    def _account(
+        self,
+        stage: str,
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+        y_pred: Any,
+        loss: torch.Tensor,
+        output_losses: Mapping[str, torch.Tensor],
+    ) -> None:
+        state = self.stage_state(stage, y_pred, y)
+        count = batch_size_of(x)
+        for name, value in output_losses.items():
+            state.add_mean(name, value, count)
+        self.update_metrics(stage, y_pred, y, sample_weight, loss)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        """Forward, loss and metrics on ``batch``; Lightning does backward and the update.
+
+        Under ``jit_compile="step"`` the captured graph computes the gradients too, and
+        applies the update or hands the gradients to the optimizer (:meth:`_whole_step`).
+        """
+        trainer = _private.attached_trainer(self.host)
+        host_mode = hosting(self.host, trainer) if self.whole is not None else None
+        if host_mode is not None:
+            loss = self._whole_step(batch, trainer, host_mode)
+        else:
+            if self.whole is not None:
+                self.whole.stats.not_whole = not_whole_reason(self.host, trainer)
+            loss = self._shared_step(batch, "train")
+        if step_loss_wanted(trainer, batch_idx):
             self.host.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
             self._loss_logged_per_step = True
+        return None if host_mode == "manual" else loss
+
+    def _whole_step(self, batch: Any, trainer: Any, host_mode: str) -> torch.Tensor:
+        """The step captured whole; returns the batch's loss (no graph behind it)."""
+        assert self.whole is not None
+        whole = self.whole
+        whole.stats.hosting = host_mode
+        optimizer = trainer.optimizers[0]
+        x, y, sample_weight = unpack_batch(batch)
+        first = self.objective is None or not optimizer_built(optimizer)
+        with self.host.keras_scope():
+            y_pred, loss, output_losses, grads = whole.train(
+                x, y, sample_weight, optimizer, first=first, fuse=host_mode == "manual"
+            )
+            if host_mode == "automatic":
+                assert grads is not None
+                # Lightning's backward of this puts the graph's gradients in .grad (divided by
+                # the accumulation count), then clips, accumulates and steps as it always does
+                loss = gradient_carrier(loss, whole.params, grads)
+            elif grads is not None:
+                write_gradients(whole.params, grads)
+                optimizer.step()
+                optimizer.zero_grad()
+            if host_mode == "manual":
+                _private.count_whole_step(trainer)
+            self._account("train", x, y, sample_weight, y_pred, loss.detach(), output_losses)
         return loss
 
     def evaluation_step(

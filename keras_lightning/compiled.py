@@ -32,27 +32,34 @@ from typing import Any
 import torch
 
 COMPILE_BACKENDS = ("eager", "aot_eager", "inductor")
+#: ``jit_compile`` values that compile the whole training step (``whole_step.py``): with
+#: inductor, or with ``aot_eager`` (no code generation: seconds to compile).
+WHOLE_STEP_MODES = ("step", "step:aot_eager")
 
 
 def resolve_compile(spec: Any) -> str | None:
     """The ``torch.compile`` backend for ``KerasLightningModule(jit_compile=spec)``, or None.
 
     Example:
-        >>> resolve_compile(True), resolve_compile(False), resolve_compile("inductor")
-        ('eager', None, 'inductor')
+        >>> resolve_compile(True), resolve_compile(False), resolve_compile("step")
+        ('eager', None, 'step')
 
     """
     if spec is None or spec is False:
         return None
     if spec is True:
         return "eager"
-    if isinstance(spec, str) and spec in COMPILE_BACKENDS:
+    if isinstance(spec, str) and (spec in COMPILE_BACKENDS or spec in WHOLE_STEP_MODES):
         return spec
     raise ConfigurationError(
-        f"`jit_compile` must be True, False or a torch.compile backend name among "
+        f"`jit_compile` must be True, False, 'step', 'step:aot_eager' or a torch.compile "
+        "backend name among "
         f"{', '.join(repr(b) for b in COMPILE_BACKENDS)}; received jit_compile={spec!r}. "
-        "jit_compile=True uses 'eager' (graph capture without code generation, fast warm-up); "
-        "jit_compile='inductor' generates fused kernels (slow warm-up)."
+        "jit_compile='step' compiles the whole training step (forward, loss, backward and "
+        "update) as one inductor graph, the fastest steady state ('step:aot_eager': the same "
+        "graph without code generation, compiled in seconds); jit_compile=True uses "
+        "'eager' (the forward pass and loss captured without code generation, fast warm-up); "
+        "jit_compile='inductor' compiles the forward pass and loss with fused kernels."
     )
 
 

@@ -20,6 +20,7 @@ from keras_lightning import (
     precision,
     replicas,
     sharding,
+    whole_step,
 )
 from keras_lightning.builtin_steps import Arguments, BuiltinSteps
 from keras_lightning.callbacks import check_trainer_callbacks
@@ -299,11 +300,15 @@ class KerasLightningModule(LightningSideHelpers):
         """False when the Keras model's own ``train_step`` optimizes (manual optimization)."""
         if self._uses_keras_train_step():
             return False
+        if "_user_automatic_optimization" not in self.__dict__ and self._builtin.whole:
+            trainer = _private.attached_trainer(self)  # jit_compile="step" (whole_step.py)
+            return whole_step.hosting(self, trainer) != "manual"
         return bool(self.__dict__.get("_automatic_optimization", True))
 
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self.__dict__["_automatic_optimization"] = value
+        self.__dict__["_user_automatic_optimization"] = value  # a user's choice wins
 
     # ------------------------------------------------------------------ forward, loss, helpers
 
@@ -424,6 +429,8 @@ class KerasLightningModule(LightningSideHelpers):
         if trainer is not None and not self._uses_keras_train_step():
             check_optimizers_train(trainer.optimizers, self)
         self._restore_pending_rng(at="load")  # if the strategy loaded weights another way
+        if trainer is not None and not self.automatic_optimization and self._builtin.whole:
+            _private.align_step_counters(trainer)  # an eager run's checkpoint, resumed fast
         replicas.start_of_training(self.model)  # per-rank dropout randomness, after the restore
         if self._checkpoint_weights == "trainable":
             self._adapter.start_training(self.model)  # to tell frozen weights from changed ones

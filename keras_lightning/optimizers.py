@@ -93,6 +93,15 @@ class _Update:
         if grads:
             self.apply(grads, variables)
 
+    def decide_path(self) -> None:
+        """Pick the update path once the Keras optimizer is built (see :meth:`apply`)."""
+        optimizer = self.keras_optimizer
+        if self.path is not None or not optimizer.built:
+            return
+        self.path = update_path_for(optimizer, self.variables)
+        if self.path in DirectUpdate.KINDS:
+            self.direct = DirectUpdate(optimizer, self.variables, self.path)
+
     def apply(self, grads: list[torch.Tensor], variables: list[Any]) -> None:
         """``keras_optimizer.apply(grads, variables)``, by the shortest exact path.
 
@@ -109,9 +118,7 @@ class _Update:
             if not optimizer.built:
                 optimizer.apply(grads, variables)  # builds the slots; decide next time
                 return
-            self.path = update_path_for(optimizer, self.variables)
-            if self.path in DirectUpdate.KINDS:
-                self.direct = DirectUpdate(optimizer, self.variables, self.path)
+            self.decide_path()
         path = self.path if optimizer.loss_scale_factor is None else "apply"
         if path == "apply":
             optimizer.apply(grads, variables)
@@ -253,6 +260,59 @@ class KerasOptimizer(torch.optim.Optimizer):
             if update.lr_is_schedule:
                 groups[update.group]["lr"] = update.current_lr()
         return loss
+
+    # ------------------------------------------------------------ jit_compile="step"
+
+    def can_apply_captured(self) -> bool:
+        """Whether ``jit_compile="step"`` may capture this update in its graph.
+
+        Every Keras optimizer is built and updates through ``_backend_apply_gradients``
+        (``"adam"`` / ``"sgd"`` / ``"short"``): its state lives in variables the graph updates
+        in place. ``"apply"`` optimizers (their own ``apply``, loss scaling, constraints) are
+        updated outside the graph, from the gradients it returns.
+        """
+        self.prepare_captured()
+        return all(
+            update.keras_optimizer.built and update.path in ("adam", "sgd", "short")
+            for update in self._updates
+        )
+
+    def prepare_captured(self) -> None:
+        """What :meth:`step` does in Python before the update, done before the graph runs."""
+        if self._current_layout() != self._layout:
+            self._follow_param_groups()
+        groups = self.param_groups
+        with torch.no_grad(), self._keras_scope():
+            for update in self._updates:
+                update.sync(groups[update.group])
+                update.decide_path()
+
+    def trained_params(self) -> list[torch.Tensor]:
+        """The parameters the Keras optimizers update that train now (``requires_grad``)."""
+        return [p for update in self._updates for p in update.params if p.requires_grad]
+
+    def captured_layout(self) -> tuple[Any, ...]:
+        """What the captured update's structure depends on: groups and each update's path."""
+        return (self._layout, tuple((update.path, len(update.params)) for update in self._updates))
+
+    def apply_captured(self, params: list[torch.Tensor], grads: list[Any]) -> None:
+        """The update of ``params`` by ``grads`` (None: no gradient), inside the graph."""
+        by_param = {id(p): g for p, g in zip(params, grads, strict=True)}
+        for update in self._updates:
+            pairs = [
+                (by_param[id(p)], v)
+                for p, v in zip(update.params, update.variables, strict=True)
+                if by_param.get(id(p)) is not None
+            ]
+            if pairs:
+                update.apply([g for g, _ in pairs], [v for _, v in pairs])
+
+    def after_captured(self) -> None:
+        """What :meth:`step` does in Python after the update (a schedule's current ``lr``)."""
+        groups = self.param_groups
+        for update in self._updates:
+            if update.lr_is_schedule:
+                groups[update.group]["lr"] = update.current_lr()
 
     def _current_layout(self) -> tuple[int, ...]:
         return (id(self.param_groups), *(len(group["params"]) for group in self.param_groups))
