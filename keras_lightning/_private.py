@@ -155,6 +155,24 @@ def keras_torch_backend_modules() -> tuple[Any, Any]:
     return torch_nn, torch_numpy
 
 
+def keras_torchtree_module() -> Any:
+    """Keras' torch pytree implementation of ``keras.tree`` (for a dynamo substitute)."""
+    from keras.src.tree import torchtree_impl
+
+    return torchtree_impl
+
+
+def keras_torch_random_and_rnn_modules() -> tuple[Any, Any]:
+    """Keras' torch ``random`` and ``rnn`` backend modules (for dynamo substitutes)."""
+    import importlib
+
+    # the package's `rnn` attribute is the function: import the modules by name
+    return (
+        importlib.import_module("keras.src.backend.torch.random"),
+        importlib.import_module("keras.src.backend.torch.rnn"),
+    )
+
+
 def global_seed_generator(create: bool) -> Any:
     """Keras' process-wide ``SeedGenerator`` (``keras.random`` calls without a seed)."""
     from keras.src.backend.common import global_state

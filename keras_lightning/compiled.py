@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import keras
 import torch
 
 COMPILE_BACKENDS = ("eager", "aot_eager", "inductor")
@@ -82,6 +83,26 @@ def install_dynamo_shims() -> None:
     - ``moments`` (``BatchNormalization``) passes the layer's reduction axes, a Keras
       ``TrackedList``, to ``torch.mean``; dynamo cannot pass that list to an op. The
       substitute passes the same axes as a tuple.
+    - ``_can_use_flash_attention`` (``MultiHeadAttention``, ``ops.dot_product_attention``)
+      builds a ``torch.backends.cuda.SDPAParams``, a pybind object dynamo cannot create. Flash
+      attention runs on CUDA only: off CUDA the substitute answers False, as the check does;
+      on CUDA it also answers False, which calls the same ``scaled_dot_product_attention``
+      without pinning its backend (torch's dispatcher still picks flash attention where the
+      inputs allow it).
+    - Keras' ``tree.flatten`` (every ``Layer.__call__``, e.g. an RNN cell's) sorts dicts with
+      ``tree_flatten(s, is_leaf=lambda x: x is not s)``; dynamo cannot evaluate that ``is not``
+      on a tuple (``Failed to trace builtin operator``). The substitute walks the same pytree
+      nodes one level at a time without the identity test.
+    - Seeded ``Dropout`` (``Dropout(seed=...)``, attention dropout, keras_hub layers) draws its
+      mask with a ``torch.Generator`` seeded in Python from the layer's ``SeedGenerator``
+      (``@dynamo.disable``). The substitute advances the ``SeedGenerator`` just the same and
+      draws the mask from a counter-based hash of its seed (SplitMix64), inside the graph:
+      reproducible from the seed and the same keep rate, but not the mask eager Keras draws
+      (unseeded dropout is torch's own and unchanged).
+    - ``rnn`` (``LSTM``, ``GRU``, ``SimpleRNN`` off cuDNN) loops ``while time < steps`` over a
+      tensor counter, a data-dependent branch dynamo cannot trace. The substitute runs Keras'
+      own unrolled path (``unroll=True``: the same cell calls and masking, step by step) over
+      the sequence length, which is fixed in a captured graph.
     """
     global _SHIMS_INSTALLED
     if _SHIMS_INSTALLED:
@@ -90,12 +111,24 @@ def install_dynamo_shims() -> None:
     try:
         torch_nn, torch_numpy = _private.keras_torch_backend_modules()
 
+        torchtree = _private.keras_torchtree_module()
+        torch_random, torch_rnn = _private.keras_torch_random_and_rnn_modules()
         substitutes = [
+            (torch_random.dropout, _traceable_dropout(torch_random)),
+            (torch_rnn.rnn, _unrolled_rnn(torch_rnn.rnn)),
             (torch_numpy.max, _traceable_max(torch_numpy)),
             (torch_nn.binary_crossentropy, _traceable_binary_crossentropy(torch_nn)),
             (torch_nn.moments, _traceable_moments(torch_nn)),
+            (torch_nn._can_use_flash_attention, _traceable_can_use_flash_attention()),
+            (torchtree._dict_to_ordered_dict, _traceable_dict_to_ordered_dict()),
         ]
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError) as error:  # another Keras: say so, trace as it is
+        warnings.warn(
+            f"Could not prepare the dynamo substitutes for Keras ops ({error}); compiled steps "
+            "may have graph breaks.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return
     for original, substitute in substitutes:
         try:
@@ -161,6 +194,159 @@ def _traceable_moments(torch_nn: Any) -> Callable[..., Any]:
         return mean, variance
 
     return traceable_moments
+
+
+def _traceable_dropout(torch_random: Any) -> Callable[..., Any]:
+    seed_generator_class = torch_random.SeedGenerator
+    draw_seed = torch_random.draw_seed
+    get_device = torch_random.get_device
+    concrete_noise_shape = torch_random._get_concrete_noise_shape
+
+    def traceable_dropout(inputs: Any, rate: Any, noise_shape: Any = None, seed: Any = None) -> Any:
+        if rate == 1.0:
+            return torch.zeros_like(inputs, device=get_device())
+        if rate == 0.0:
+            return inputs
+        if not (
+            seed is not None
+            and not (isinstance(seed, seed_generator_class) and seed._initial_seed is None)
+            or noise_shape is not None
+        ):
+            return torch.nn.functional.dropout(inputs, p=rate, training=True, inplace=False)
+        keep_prob = 1.0 - rate
+        shape = concrete_noise_shape(inputs, noise_shape)
+        if isinstance(seed, seed_generator_class):  # SeedGenerator.next(), without numpy
+            state = seed.state
+            seeds = state.value * 1
+            state.assign(state.value + torch.tensor([0, 1], dtype=state.value.dtype))
+        else:
+            seeds = draw_seed(seed)
+        mask = uniform_from_seed(seeds, tuple(shape), inputs.device) < keep_prob
+        mask = torch.broadcast_to(mask, inputs.shape)
+        return torch.where(mask, inputs / keep_prob, torch.zeros_like(inputs, dtype=inputs.dtype))
+
+    return traceable_dropout
+
+
+def uniform_from_seed(seed: torch.Tensor, shape: tuple[int, ...], device: Any) -> torch.Tensor:
+    """Uniform [0, 1) float32 values from a Keras seed pair, by a SplitMix64 hash of the index.
+
+    Pure tensor arithmetic (traceable): the same seed gives the same values.
+
+    Example:
+        >>> import torch
+        >>> a = uniform_from_seed(torch.tensor([3, 1]), (1000,), "cpu")
+        >>> bool(torch.equal(a, uniform_from_seed(torch.tensor([3, 1]), (1000,), "cpu")))
+        True
+        >>> bool(torch.equal(a, uniform_from_seed(torch.tensor([3, 2]), (1000,), "cpu")))
+        False
+        >>> 0.45 < float(a.mean()) < 0.55 and 0.0 <= float(a.min()) and float(a.max()) < 1.0
+        True
+
+    """
+    count = 1
+    for size in shape:
+        count *= int(size)
+    seed = seed.to(device=device, dtype=torch.int64)
+    key = seed[0] * _GOLDEN + seed[1] * _MIX_2 + _MIX_1
+    x = torch.arange(count, dtype=torch.int64, device=device) * _GOLDEN + key
+    x = (x ^ _shift_right(x, 30)) * _MIX_1
+    x = (x ^ _shift_right(x, 27)) * _MIX_2
+    x = x ^ _shift_right(x, 31)
+    return (_shift_right(x, 40).to(torch.float32) * (1.0 / (1 << 24))).reshape(shape)
+
+
+def _as_int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _as_int64(0x9E3779B97F4A7C15)  # SplitMix64's constants, as wrapping int64
+_MIX_1 = _as_int64(0xBF58476D1CE4E5B9)
+_MIX_2 = _as_int64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """A logical (unsigned) right shift of int64 values."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _unrolled_rnn(rnn: Callable[..., Any]) -> Callable[..., Any]:
+    import types
+
+    # a copy of Keras' function: the substitute calls it, and dynamo would substitute the
+    # original again
+    unrolled = types.FunctionType(
+        rnn.__code__, rnn.__globals__, "rnn_unrolled", rnn.__defaults__, rnn.__closure__
+    )
+    unrolled.__kwdefaults__ = rnn.__kwdefaults__
+
+    def traceable_rnn(
+        step_function: Any,
+        inputs: Any,
+        initial_states: Any,
+        go_backwards: bool = False,
+        mask: Any = None,
+        constants: Any = None,
+        unroll: bool = False,
+        input_length: Any = None,
+        time_major: bool = False,
+        zero_output_for_mask: bool = False,
+        return_all_outputs: bool = True,
+    ) -> Any:
+        if go_backwards and mask is not None:
+            # Keras' unrolled path cannot reverse a mask (torch.flip of a tuple): reverse the
+            # sequence and its mask along time here and run it forwards, which is what
+            # go_backwards does
+            axis = 0 if time_major else 1
+            inputs = keras.tree.map_structure(lambda t: torch.flip(t, dims=[axis]), inputs)
+            mask = torch.flip(mask, dims=[axis])
+            go_backwards = False
+        return unrolled(
+            step_function, inputs, initial_states, go_backwards=go_backwards, mask=mask,
+            constants=constants, unroll=True, input_length=input_length, time_major=time_major,
+            zero_output_for_mask=zero_output_for_mask, return_all_outputs=return_all_outputs,
+        )
+
+    return traceable_rnn
+
+
+def _traceable_can_use_flash_attention() -> Callable[..., Any]:
+    def traceable_can_use_flash_attention(
+        query: Any, key: Any, value: Any, mask: Any = None, is_causal: bool = False,
+        raise_error: bool = False,
+    ) -> bool:
+        if raise_error:
+            raise RuntimeError(
+                "Flash attention is not supported with the provided inputs (in a graph "
+                "compiled by jit_compile, flash attention is left to torch's dispatcher)."
+            )
+        return False
+
+    return traceable_can_use_flash_attention
+
+
+def _traceable_dict_to_ordered_dict() -> Callable[..., Any]:
+    from collections import defaultdict
+
+    from torch.utils import _pytree as torch_tree
+
+    def traceable_dict_to_ordered_dict(structure: Any) -> Any:
+        kind = type(structure)
+        if kind is dict:
+            return {k: structure[k] for k in sorted(structure.keys())}
+        if kind is defaultdict:
+            return defaultdict(
+                structure.default_factory, {k: structure[k] for k in sorted(structure.keys())}
+            )
+        node = torch_tree.SUPPORTED_NODES.get(torch_tree._get_node_type(structure))
+        if node is None:
+            return structure  # a leaf
+        children, context = node.flatten_fn(structure)
+        return node.unflatten_fn(
+            [traceable_dict_to_ordered_dict(child) for child in children], context
+        )
+
+    return traceable_dict_to_ordered_dict
 
 
 def _traceable_binary_crossentropy(torch_nn: Any) -> Callable[..., Any]:
