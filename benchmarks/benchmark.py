@@ -108,6 +108,7 @@ QUICK_JIT_SKIPPED = (
     "jit_compile=True spends most of a minute compiling before its first step; the full run "
     "measures it."
 )
+QUICK_SKIPS = ("g_kl_step_aot", "g_kl_step_torch_adam", "d_lightning_torch_compiled")
 CONV_JIT_SKIPPED = (
     "not run by default: on torch 2.13 (CPU), Keras' jit_compile=True (torch.compile with "
     "inductor over Keras' whole train step) on this conv model either failed with "
@@ -639,6 +640,8 @@ def run_device(
                 runner.skipped = CONV_JIT_SKIPPED
             elif runner.name == "c_keras_fit_jit" and args.quick:
                 runner.skipped = QUICK_JIT_SKIPPED
+            elif runner.name in QUICK_SKIPS and args.quick:
+                runner.skipped = "not run in --quick mode (the same machinery as g_kl_step)"
             if runner.name == INDUCTOR and workload.name == "conv" and not args.conv_jit:
                 runner.skipped = CONV_INDUCTOR_SKIPPED
         for repeat in range(args.repeats):

@@ -155,6 +155,13 @@ def keras_torch_backend_modules() -> tuple[Any, Any]:
     return torch_nn, torch_numpy
 
 
+def keras_backend_utils_module() -> Any:
+    """``keras.src.utils.backend_utils`` (``in_tf_graph``, for a dynamo substitute)."""
+    from keras.src.utils import backend_utils
+
+    return backend_utils
+
+
 def keras_torchtree_module() -> Any:
     """Keras' torch pytree implementation of ``keras.tree`` (for a dynamo substitute)."""
     from keras.src.tree import torchtree_impl

@@ -393,7 +393,7 @@ class BuiltinSteps:
             state.add_mean(name, value, count)
         self.update_metrics(stage, y_pred, y, sample_weight, loss)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Forward, loss and metrics on ``batch``; Lightning does backward and the update.
 
         Under ``jit_compile="step"`` the captured graph computes the gradients too, and
@@ -410,7 +410,7 @@ class BuiltinSteps:
         if step_loss_wanted(trainer, batch_idx):
             self.host.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
             self._loss_logged_per_step = True
-        return None if host_mode == "manual" else loss
+        return loss  # manual hosting: the batch's loss, for on_train_batch_end's outputs
 
     def _whole_step(self, batch: Any, trainer: Any, host_mode: str) -> torch.Tensor:
         """The step captured whole; returns the batch's loss (no graph behind it)."""

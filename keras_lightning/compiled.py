@@ -103,6 +103,10 @@ def install_dynamo_shims() -> None:
       tensor counter, a data-dependent branch dynamo cannot trace. The substitute runs Keras'
       own unrolled path (``unroll=True``: the same cell calls and masking, step by step) over
       the sequence length, which is fixed in a captured graph.
+    - ``in_tf_graph`` (``Rescaling`` and the other preprocessing layers, when TensorFlow is
+      installed) asks TensorFlow whether it runs eagerly, which dynamo refuses to trace. A
+      torch step that dynamo traces is never inside a ``tf.function``: the substitute keeps
+      only Keras' own ``in_tf_graph_scope`` flag.
     """
     global _SHIMS_INSTALLED
     if _SHIMS_INSTALLED:
@@ -112,6 +116,7 @@ def install_dynamo_shims() -> None:
         torch_nn, torch_numpy = _private.keras_torch_backend_modules()
 
         torchtree = _private.keras_torchtree_module()
+        backend_utils = _private.keras_backend_utils_module()
         torch_random, torch_rnn = _private.keras_torch_random_and_rnn_modules()
         substitutes = [
             (torch_random.dropout, _traceable_dropout(torch_random)),
@@ -121,6 +126,7 @@ def install_dynamo_shims() -> None:
             (torch_nn.moments, _traceable_moments(torch_nn)),
             (torch_nn._can_use_flash_attention, _traceable_can_use_flash_attention()),
             (torchtree._dict_to_ordered_dict, _traceable_dict_to_ordered_dict()),
+            (backend_utils.in_tf_graph, _traceable_in_tf_graph(backend_utils)),
         ]
     except (ImportError, AttributeError) as error:  # another Keras: say so, trace as it is
         warnings.warn(
@@ -308,6 +314,15 @@ def _unrolled_rnn(rnn: Callable[..., Any]) -> Callable[..., Any]:
         )
 
     return traceable_rnn
+
+
+def _traceable_in_tf_graph(backend_utils: Any) -> Callable[..., Any]:
+    global_state = backend_utils.global_state
+
+    def traceable_in_tf_graph() -> bool:
+        return bool(global_state.get_global_attribute("in_tf_graph_scope", False))
+
+    return traceable_in_tf_graph
 
 
 def _traceable_can_use_flash_attention() -> Callable[..., Any]:
