@@ -155,6 +155,57 @@ def keras_torch_backend_modules() -> tuple[Any, Any]:
     return torch_nn, torch_numpy
 
 
+def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
+    """``torch.utils._pytree.tree_flatten``: the leaves and the spec that rebuilds ``tree``."""
+    from torch.utils import _pytree
+
+    return _pytree.tree_flatten(tree)  # type: ignore[no-any-return]
+
+
+def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
+    """``torch.utils._pytree.tree_unflatten``."""
+    from torch.utils import _pytree
+
+    return _pytree.tree_unflatten(leaves, spec)
+
+
+def pytree_node(structure: Any) -> Any:
+    """The pytree node type registered for ``structure`` (``flatten_fn`` / ``unflatten_fn``),
+    or None for a leaf."""
+    from torch.utils import _pytree
+
+    return _pytree.SUPPORTED_NODES.get(_pytree._get_node_type(structure))
+
+
+def graph_compiler(backend: str) -> Any:
+    """The function a ``torch.compile`` backend runs on a captured graph (inductor's
+    ``compile_fx`` or a registered backend)."""
+    if backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(backend)
+
+
+def keras_functions_to_substitute() -> dict[str, Any]:
+    """Keras' private functions that :func:`~keras_lightning.compiled.install_dynamo_shims`
+    gives dynamo substitutes for, by name."""
+    torch_nn, _ = keras_torch_backend_modules()
+    random, _ = keras_torch_random_and_rnn_modules()
+    return {
+        "can_use_flash_attention": torch_nn._can_use_flash_attention,
+        "dict_to_ordered_dict": keras_torchtree_module()._dict_to_ordered_dict,
+        "concrete_noise_shape": random._get_concrete_noise_shape,
+    }
+
+
+def is_unseeded_generator(seed: Any, seed_generator_class: type) -> bool:
+    """A ``SeedGenerator`` made without a seed (Keras' dropout then uses torch's own)."""
+    return isinstance(seed, seed_generator_class) and seed._initial_seed is None
+
+
 def keras_backend_utils_module() -> Any:
     """``keras.src.utils.backend_utils`` (``in_tf_graph``, for a dynamo substitute)."""
     from keras.src.utils import backend_utils

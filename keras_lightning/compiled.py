@@ -115,17 +115,17 @@ def install_dynamo_shims() -> None:
     try:
         torch_nn, torch_numpy = _private.keras_torch_backend_modules()
 
-        torchtree = _private.keras_torchtree_module()
+        private = _private.keras_functions_to_substitute()
         backend_utils = _private.keras_backend_utils_module()
         torch_random, torch_rnn = _private.keras_torch_random_and_rnn_modules()
         substitutes = [
-            (torch_random.dropout, _traceable_dropout(torch_random)),
+            (torch_random.dropout, _traceable_dropout(torch_random, private)),
             (torch_rnn.rnn, _unrolled_rnn(torch_rnn.rnn)),
             (torch_numpy.max, _traceable_max(torch_numpy)),
             (torch_nn.binary_crossentropy, _traceable_binary_crossentropy(torch_nn)),
             (torch_nn.moments, _traceable_moments(torch_nn)),
-            (torch_nn._can_use_flash_attention, _traceable_can_use_flash_attention()),
-            (torchtree._dict_to_ordered_dict, _traceable_dict_to_ordered_dict()),
+            (private["can_use_flash_attention"], _traceable_can_use_flash_attention()),
+            (private["dict_to_ordered_dict"], _traceable_dict_to_ordered_dict()),
             (backend_utils.in_tf_graph, _traceable_in_tf_graph(backend_utils)),
         ]
     except (ImportError, AttributeError) as error:  # another Keras: say so, trace as it is
@@ -202,11 +202,12 @@ def _traceable_moments(torch_nn: Any) -> Callable[..., Any]:
     return traceable_moments
 
 
-def _traceable_dropout(torch_random: Any) -> Callable[..., Any]:
+def _traceable_dropout(torch_random: Any, private: dict[str, Any]) -> Callable[..., Any]:
     seed_generator_class = torch_random.SeedGenerator
     draw_seed = torch_random.draw_seed
     get_device = torch_random.get_device
-    concrete_noise_shape = torch_random._get_concrete_noise_shape
+    concrete_noise_shape = private["concrete_noise_shape"]
+    unseeded = _private.is_unseeded_generator
 
     def traceable_dropout(inputs: Any, rate: Any, noise_shape: Any = None, seed: Any = None) -> Any:
         if rate == 1.0:
@@ -214,8 +215,7 @@ def _traceable_dropout(torch_random: Any) -> Callable[..., Any]:
         if rate == 0.0:
             return inputs
         if not (
-            seed is not None
-            and not (isinstance(seed, seed_generator_class) and seed._initial_seed is None)
+            seed is not None and not unseeded(seed, seed_generator_class)
             or noise_shape is not None
         ):
             return torch.nn.functional.dropout(inputs, p=rate, training=True, inplace=False)
@@ -343,7 +343,7 @@ def _traceable_can_use_flash_attention() -> Callable[..., Any]:
 def _traceable_dict_to_ordered_dict() -> Callable[..., Any]:
     from collections import defaultdict
 
-    from torch.utils import _pytree as torch_tree
+    pytree_node = _private.pytree_node
 
     def traceable_dict_to_ordered_dict(structure: Any) -> Any:
         kind = type(structure)
@@ -353,7 +353,7 @@ def _traceable_dict_to_ordered_dict() -> Callable[..., Any]:
             return defaultdict(
                 structure.default_factory, {k: structure[k] for k in sorted(structure.keys())}
             )
-        node = torch_tree.SUPPORTED_NODES.get(torch_tree._get_node_type(structure))
+        node = pytree_node(structure)
         if node is None:
             return structure  # a leaf
         children, context = node.flatten_fn(structure)

@@ -116,7 +116,7 @@ class Replay:
         captured: list[tuple[list[Any], Callable[..., Any], list[Any]]] = []
 
         def backend(graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-            compiled = _backend_compiler(self.backend)(graph_module, example_inputs)
+            compiled = _private.graph_compiler(self.backend)(graph_module, example_inputs)
             record: tuple[list[Any], Callable[..., Any], list[Any]] = (
                 list(example_inputs), compiled, []
             )
@@ -154,16 +154,6 @@ class Replay:
         self.stats.captures += 1
         self.stats.keys.append(key)
         return tuple(outputs)
-
-
-def _backend_compiler(name: str) -> Callable[..., Any]:
-    if name == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx  # type: ignore[no-any-return]
-    from torch._dynamo.backends.registry import lookup_backend
-
-    return lookup_backend(name)  # type: ignore[no-any-return]
 
 
 def _input_slots(

@@ -33,6 +33,7 @@ from __future__ import annotations
 from keras_lightning import _private
 from keras_lightning.compiled import CompiledStep, install_dynamo_shims
 from keras_lightning.replay import NotOneGraph, Replay, ReplayStats
+from keras_lightning.sharding import is_sharded
 
 import warnings
 from collections.abc import Sequence
@@ -40,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 if TYPE_CHECKING:
     from keras_lightning.builtin_steps import BuiltinSteps
@@ -89,7 +89,7 @@ def not_whole_reason(module: Any, trainer: Any) -> str | None:
         return "the module overrides training_step"
     if getattr(trainer.precision_plugin, "scaler", None) is not None:
         return "a GradScaler (16-mixed on CUDA) scales the loss outside the graph"
-    if hasattr(module.model, "_keras_lightning_sharded"):  # sharding.shard
+    if is_sharded(module.model):
         return "the model is sharded"
     return None
 
@@ -154,12 +154,12 @@ class _Batch:
         leaves = list(self.leaves)
         for position, tensor in zip(self.positions, tensors, strict=True):
             leaves[position] = tensor
-        return pytree.tree_unflatten(leaves, self.spec)
+        return _private.tree_unflatten(leaves, self.spec)
 
 
 def flatten_batch(x: Any, y: Any, sample_weight: Any) -> _Batch:
     """The tensors of ``(x, y, sample_weight)`` and a hashable description of the rest."""
-    leaves, spec = pytree.tree_flatten((x, y, sample_weight))
+    leaves, spec = _private.tree_flatten((x, y, sample_weight))
     tensors: list[torch.Tensor] = []
     positions: list[int] = []
     kinds: list[Any] = []
@@ -238,7 +238,7 @@ class WholeStep:
         assert self._batch is not None
         x, y, sample_weight = self._batch.rebuild(tensors)
         y_pred, loss, output_losses = self.steps._forward_and_loss(x, y, sample_weight, training)
-        leaves, spec = pytree.tree_flatten(y_pred)
+        leaves, spec = _private.tree_flatten(y_pred)
         masks = [_private.keras_mask_of(leaf) for leaf in leaves]
         names = sorted(output_losses)
         self._out = {"spec": spec, "names": names, "count": len(leaves)}
@@ -270,7 +270,7 @@ class WholeStep:
         masks = outputs[1 + count + len(names) : 1 + 2 * count + len(names)]
         leaves = [_private.with_keras_mask(leaf, mask) for leaf, mask in zip(leaves, masks, strict=True)]
         rest = list(outputs[1 + 2 * count + len(names) :])
-        return pytree.tree_unflatten(leaves, out["spec"]), loss, losses, rest
+        return _private.tree_unflatten(leaves, out["spec"]), loss, losses, rest
 
     # ------------------------------------------------------------ steps
 

@@ -91,6 +91,7 @@ def test_public_surface_is_pinned():
         "StochasticWeightAveraging",
         "TerminateOnNaN",
         "TorchLoss",
+        "WholeStepStats",
         "__version__",
         "export_keras",
         "flatten_logs",

@@ -449,6 +449,16 @@ def test_lightning_internals_on_a_real_trainer(tmp_path):
     _private.count_manual_optimizer_step(trainer)
     assert trainer.global_step == step  # counted under manual optimization only
     assert trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total.completed == 1
+    # a fast-mode update counts on both counters; a manual counter behind the automatic one
+    # (an eager run's checkpoint, resumed in fast mode) catches up
+    epoch_loop = trainer.fit_loop.epoch_loop
+    automatic = epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+    before = automatic.completed
+    _private.count_whole_step(trainer)
+    assert automatic.completed == before + 1
+    assert epoch_loop.manual_optimization.optim_step_progress.total.completed == 2
+    _private.align_step_counters(trainer)
+    assert epoch_loop.manual_optimization.optim_step_progress.total.completed == before + 1
 
 
 def test_checkpoint_reader_and_module_state(tmp_path):
@@ -549,3 +559,55 @@ def test_local_shard_and_tensor_parallel_size():
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     assert _private.tensor_parallel_size(strategy) == 1
     assert _private.tensor_parallel_size(ModelParallelStrategy()) == "auto"
+
+
+def test_tracing_autograd_and_forget_compiled():
+    import torch._dynamo
+
+    weight = torch.ones(3, requires_grad=True)
+
+    def grad_of(x):
+        return torch.autograd.grad((weight * x).sum(), [weight])[0]
+
+    with _private.tracing_autograd():
+        assert torch._dynamo.config.trace_autograd_ops
+        compiled = torch.compile(grad_of, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(torch.full((3,), 2.0)), torch.full((3,), 2.0))
+    assert not torch._dynamo.config.trace_autograd_ops
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    assert len(_debug_get_cache_entry_list(grad_of.__code__)) == 1
+    _private.forget_compiled(grad_of)
+    assert len(_debug_get_cache_entry_list(grad_of.__code__)) == 0
+
+
+def test_keras_modules_the_dynamo_substitutes_replace():
+    random, rnn = _private.keras_torch_random_and_rnn_modules()
+    assert callable(random.dropout) and callable(rnn.rnn)  # modules, not the rnn function
+    assert callable(_private.keras_torchtree_module()._dict_to_ordered_dict)
+    assert _private.keras_backend_utils_module().in_tf_graph() is False
+
+
+def test_pytree_helpers_round_trip_and_name_nodes():
+    tree = ({"b": torch.ones(1), "a": [torch.zeros(2), None]}, 3)
+    leaves, spec = _private.tree_flatten(tree)
+    assert len(leaves) == 4 and leaves[2] is None  # dict keys sorted: a's list, then b
+    rebuilt = _private.tree_unflatten(leaves, spec)
+    assert rebuilt[1] == 3 and torch.equal(rebuilt[0]["a"][0], torch.zeros(2))
+    assert _private.pytree_node(torch.ones(1)) is None
+    children, _ = _private.pytree_node([1, 2]).flatten_fn([1, 2])
+    assert list(children) == [1, 2]
+
+
+def test_graph_compiler_and_the_functions_substituted():
+    graph = torch.fx.symbolic_trace(lambda x: x * 2)
+    compiled = _private.graph_compiler("eager")(graph, [torch.ones(2)])
+    assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
+    assert callable(_private.graph_compiler("inductor"))
+    functions = _private.keras_functions_to_substitute()
+    assert set(functions) == {"can_use_flash_attention", "dict_to_ordered_dict",
+                              "concrete_noise_shape"}
+    assert functions["dict_to_ordered_dict"]({"b": 1, "a": 2}) == {"a": 2, "b": 1}
+    seeded, unseeded = keras.random.SeedGenerator(3), keras.random.SeedGenerator()
+    assert not _private.is_unseeded_generator(seeded, keras.random.SeedGenerator)
+    assert _private.is_unseeded_generator(unseeded, keras.random.SeedGenerator)
