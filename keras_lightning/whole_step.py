@@ -78,10 +78,10 @@ def not_whole_reason(module: Any, trainer: Any) -> str | None:
     """Why this run's training step cannot be captured whole, or None when it can."""
     if trainer is None:
         return "no Trainer attached"
-    if trainer.world_size > 1:
+    if trainer.world_size > 1 and not _is_ddp(trainer.strategy):
         return (
-            f"{type(trainer.strategy).__name__} with {trainer.world_size} processes: the "
-            "gradients are averaged by DDP's reducer during backward"
+            f"{type(trainer.strategy).__name__} with {trainer.world_size} processes: only DDP "
+            "averages the graph's gradients (in the backward of the loss that carries them)"
         )
     if module._uses_keras_train_step():
         return "the Keras model defines its own train_step"
@@ -98,11 +98,19 @@ def hosting(module: Any, trainer: Any) -> str | None:
     """``"manual"``, ``"automatic"`` or None (not captured whole) for this run; see module doc."""
     if not_whole_reason(module, trainer) is not None:
         return None
+    if trainer.world_size > 1:
+        return "automatic"  # DDP's reducer averages .grad in Lightning's backward
     if trainer.gradient_clip_val or trainer.accumulate_grad_batches != 1:
         return "automatic"
     if module._arguments.lr_scheduler is not None or _overrides(module, "configure_optimizers"):
         return "automatic"  # Lightning steps schedulers under automatic optimization only
     return "manual"
+
+
+def _is_ddp(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return isinstance(strategy, DDPStrategy)
 
 
 def _overrides(module: Any, name: str) -> bool:

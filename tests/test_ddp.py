@@ -174,7 +174,27 @@ def test_epoch_metrics_are_exact_global_values(ddp_run: Path) -> None:
 @pytest.mark.timeout(300)
 def test_keras_optimizer_gradients_averaged_once_with_accumulation(ddp_run: Path) -> None:
     """2 ranks x batch 8 x accumulate 2 == one process, batch 32, same SGD (plain autograd)."""
-    runs = [np.load(ddp_run / f"grads_rank{r}.npz") for r in range(2)]
+    _check_averaged_gradients(ddp_run)
+
+
+@pytest.mark.timeout(300)
+def test_the_whole_step_under_ddp_averages_the_graphs_gradients(tmp_path: Path) -> None:
+    """jit_compile="step" under DDP: the graph computes each rank's gradients, DDP's reducer
+    averages them in the backward of the loss that carries them, Lightning accumulates: the
+    same weights as one process over the 32 samples."""
+    _run(
+        [str(SCRIPT), "--out", str(tmp_path), "--grads-only", "step:aot_eager"],
+        timeout=240, MASTER_PORT=str(free_port()),
+    )
+    for rank in range(2):
+        stats = json.loads((tmp_path / f"grads_rank{rank}.json").read_text())
+        assert stats == {"mode": "grads", "hosting": "automatic", "captures": 1,
+                         "fallback": None, "not_whole": None}
+    _check_averaged_gradients(tmp_path)
+
+
+def _check_averaged_gradients(out: Path) -> None:
+    runs = [np.load(out / f"grads_rank{r}.npz") for r in range(2)]
     np.testing.assert_array_equal(runs[0]["weights"], runs[1]["weights"])
     np.testing.assert_array_equal(runs[0]["steps"], [0, 1, 1, 2, 2, 3, 3, 4])
     data = digits()

@@ -224,7 +224,7 @@ class SaveFromWorker(L.Callback):
         save(trainer, module, self.recorder, self.out)
 
 
-def run_grads(args: argparse.Namespace, out: Path) -> None:
+def run_grads(args: argparse.Namespace, out: Path, jit_compile: Any = False) -> None:
     """Plain Keras SGD, 2 ranks x batch 8, accumulate 2: one step sees 32 samples."""
     data = digits()
     recorder = Recorder()
@@ -232,6 +232,7 @@ def run_grads(args: argparse.Namespace, out: Path) -> None:
         build_linear,
         optimizer=keras.optimizers.SGD(0.5),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
     )
     trainer = L.Trainer(
         accelerator=args.accelerator,
@@ -249,6 +250,12 @@ def run_grads(args: argparse.Namespace, out: Path) -> None:
     )
     trainer.fit(module, loader(data["x_train"], data["y_train"], batch=8))
     rank = trainer.global_rank
+    stats = module.compile_stats
+    if isinstance(stats, kl.WholeStepStats):
+        (out / f"grads_rank{rank}.json").write_text(json.dumps({
+            "mode": stats.mode, "hosting": stats.hosting, "captures": stats.train.captures,
+            "fallback": stats.fallback, "not_whole": stats.not_whole,
+        }))
     np.savez(
         out / f"grads_rank{rank}.npz",
         initial=recorder.arrays["initial_weights"],
@@ -329,10 +336,15 @@ def main() -> None:
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--grads", action="store_true", help="also run the gradient check")
+    parser.add_argument("--grads-only", metavar="JIT_COMPILE",
+                        help="only the gradient check, with KerasLightningModule(jit_compile=...)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
+    if args.grads_only:
+        run_grads(args, out, jit_compile=args.grads_only)
+        return
     if args.strategy == "ddp_spawn":
         run_spawn(args, out)
     else:
