@@ -24,6 +24,7 @@ from __future__ import annotations
 from keras_lightning import _private
 from keras_lightning.exceptions import ConfigurationError, KerasLightningError
 
+import importlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,11 @@ def install_dynamo_shims() -> None:
       installed) asks TensorFlow whether it runs eagerly, which dynamo refuses to trace. A
       torch step that dynamo traces is never inside a ``tf.function``: the substitute keeps
       only Keras' own ``in_tf_graph_scope`` flag.
+    - ``importlib.import_module``, which Keras' ``DynamicBackend`` (the preprocessing layers'
+      ``self.backend``: ``Rescaling`` in ``MobileNetV3``) calls on every attribute read, and
+      which dynamo refuses to trace. For Keras' backend modules already imported it returns
+      the module, which is what ``import_module`` returns; any other call is Python's own
+      (dynamo breaks the graph there, as before).
     """
     global _SHIMS_INSTALLED
     if _SHIMS_INSTALLED:
@@ -127,6 +133,7 @@ def install_dynamo_shims() -> None:
             (private["can_use_flash_attention"], _traceable_can_use_flash_attention()),
             (private["dict_to_ordered_dict"], _traceable_dict_to_ordered_dict()),
             (backend_utils.in_tf_graph, _traceable_in_tf_graph(backend_utils)),
+            (importlib.import_module, _traceable_import_module()),
         ]
     except (ImportError, AttributeError) as error:  # another Keras: say so, trace as it is
         warnings.warn(
@@ -314,6 +321,32 @@ def _unrolled_rnn(rnn: Callable[..., Any]) -> Callable[..., Any]:
         )
 
     return traceable_rnn
+
+
+def _traceable_import_module() -> Callable[..., Any]:
+    import sys
+    import types
+
+    original = importlib.import_module
+    # a copy: calling the original from its substitute would be substituted again
+    imported_by_python = types.FunctionType(
+        original.__code__, original.__globals__, "import_module", original.__defaults__,
+        original.__closure__,
+    )
+
+    # Keras' backend modules, the ones DynamicBackend imports (dynamo cannot read sys.modules)
+    known = {
+        name: module for name, module in sys.modules.items()
+        if name.startswith("keras.src.backend.") and name.count(".") == 3
+    }
+
+    def traceable_import_module(name: str, package: str | None = None) -> Any:
+        module = known.get(name)
+        if module is not None:
+            return module
+        return imported_by_python(name, package)
+
+    return traceable_import_module
 
 
 def _traceable_in_tf_graph(backend_utils: Any) -> Callable[..., Any]:

@@ -343,6 +343,21 @@ def test_seeded_dropout_is_captured_and_reproducible():
     assert int(keras.ops.convert_to_numpy(seed_state.value)[1]) == 10
 
 
+def test_a_preprocessing_layer_is_captured():
+    """``Rescaling`` reads its backend through ``importlib.import_module`` (substituted)."""
+
+    def model():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([
+            keras.Input((12,)), keras.layers.Rescaling(0.5, offset=0.1), keras.layers.Dense(3),
+        ])
+
+    eager, eager_module, _ = run(False, optimizer=keras_adam, epochs=2, model=model)
+    fast, module, _ = run(FAST, optimizer=keras_adam, epochs=2, model=model)
+    assert module.compile_stats.fallback is None and module.compile_stats.train.captures == 1
+    np.testing.assert_allclose(fast, eager, rtol=1e-6)
+
+
 def test_uniform_from_seed_keeps_the_rate():
     from keras_lightning.compiled import uniform_from_seed
 
