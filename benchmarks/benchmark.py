@@ -37,6 +37,8 @@ apart at most), which cancels most of the load drift. Writes ``benchmark.json`` 
 
     python benchmarks/benchmark.py                 # full run, CPU and CUDA when present
     python benchmarks/benchmark.py --quick --out /tmp/bench   # seconds-long smoke run
+    python benchmarks/benchmark.py --sweep --workloads none --configs c_keras_fit,g_kl_step
+                                                   # the scaling sweep only
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ QUICK_JIT_SKIPPED = (
     "jit_compile=True spends most of a minute compiling before its first step; the full run "
     "measures it."
 )
+SWEEP_HIDDEN = (64, 256, 1024)
+SWEEP_BATCH = (32, 256)
 QUICK_SKIPS = ("g_kl_step_aot", "g_kl_step_torch_adam", "d_lightning_torch_compiled")
 CONV_JIT_SKIPPED = (
     "not run by default: on torch 2.13 (CPU), Keras' jit_compile=True (torch.compile with "
@@ -142,31 +146,32 @@ class Workload:
     y: torch.Tensor
 
 
-def mlp_workload(batches: int) -> Workload:
+def mlp_workload(batches: int, hidden: int = 64, batch_size: int = 32) -> Workload:
+    """The guides' MLP (784-64-64-10, batch 32), or a wider one / bigger batch for the sweep."""
     def keras_model() -> keras.Model:
         inputs = keras.Input(shape=(784,), name="digits")
-        x = keras.layers.Dense(64, activation="relu")(inputs)
-        x = keras.layers.Dense(64, activation="relu")(x)
+        x = keras.layers.Dense(hidden, activation="relu")(inputs)
+        x = keras.layers.Dense(hidden, activation="relu")(x)
         outputs = keras.layers.Dense(10, name="predictions")(x)
         return keras.Model(inputs=inputs, outputs=outputs)
 
     def torch_model() -> torch.nn.Module:
         return torch.nn.Sequential(
-            torch.nn.Linear(784, 64),
+            torch.nn.Linear(784, hidden),
             torch.nn.ReLU(),
-            torch.nn.Linear(64, 64),
+            torch.nn.Linear(hidden, hidden),
             torch.nn.ReLU(),
-            torch.nn.Linear(64, 10),
+            torch.nn.Linear(hidden, 10),
         )
 
     generator = torch.Generator().manual_seed(0)
-    n = 32 * batches
+    n = batch_size * batches
     x = torch.rand(n, 784, generator=generator)
     labels = torch.randint(0, 10, (n,), generator=generator)
     y = torch.nn.functional.one_hot(labels, 10).float()
     return Workload(
-        name="mlp",
-        batch_size=32,
+        name="mlp" if (hidden, batch_size) == (64, 32) else f"mlp_h{hidden}_b{batch_size}",
+        batch_size=batch_size,
         keras_model=keras_model,
         torch_model=torch_model,
         keras_loss=lambda: keras.losses.CategoricalCrossentropy(from_logits=True),
@@ -628,9 +633,15 @@ def run_device(
         conv_workload(batches=args.data_batches),
     ]
     workloads = [w for w in workloads if w.name in args.workloads]
+    if args.sweep:  # where fixed per-step overhead stops mattering
+        workloads += [
+            mlp_workload(batches=args.data_batches, hidden=hidden, batch_size=batch)
+            for hidden in SWEEP_HIDDEN for batch in SWEEP_BATCH
+            if (hidden, batch) != (64, 32) or "mlp" not in args.workloads
+        ]
     results: dict[str, Any] = {}
     for workload in workloads:
-        warmup, steps = args.warmup, args.steps[workload.name]
+        warmup, steps = args.warmup, args.steps[workload.name.split("_")[0]]
         print(f"[{device}] {workload.name}: {len(configs)} configurations x {args.repeats} "
               f"repeats x ({warmup} warm-up + {steps} timed steps)", flush=True)
         runners = [Runner(name, workload, device) for name in configs]
@@ -726,6 +737,8 @@ def targets(results: dict[str, Any], basis: str) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     for workload, result in results.items():
         configs = result.get("configs", {})
+        if workload not in ("mlp", "conv"):
+            continue  # the sweep's workloads: rates and ratios only
         for name, (a, b, goal) in TARGETS.items():
             if workload == "conv":
                 goal = CONV_TARGETS.get(name, goal)
@@ -827,6 +840,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "workload (see CONV_JIT_SKIPPED: they may not finish)")
     parser.add_argument("--inductor", action="store_true",
                         help=f"also run {INDUCTOR} (tens of seconds of compilation)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also the MLP at hidden 64 / 256 / 1024 x batch 32 / 256 "
+                        "(workloads mlp_h<hidden>_b<batch>)")
     parser.add_argument("--keep-denormals", action="store_true",
                         help="do not flush denormals to zero (torch.set_flush_denormal)")
     args = parser.parse_args(argv)

@@ -177,6 +177,16 @@ def pytree_node(structure: Any) -> Any:
     return _pytree.SUPPORTED_NODES.get(_pytree._get_node_type(structure))
 
 
+def is_dynamo_error(error: BaseException) -> bool:
+    """An error of torch.compile itself (a graph break under ``fullgraph``, a compiler
+    failure), as opposed to one the traced code raises."""
+    from torch._dynamo import exc
+
+    return isinstance(error, (exc.TorchDynamoException, exc.Unsupported)) or type(
+        error
+    ).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
 def graph_compiler(backend: str) -> Any:
     """The function a ``torch.compile`` backend runs on a captured graph (inductor's
     ``compile_fx`` or a registered backend)."""

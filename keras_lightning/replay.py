@@ -84,11 +84,15 @@ class Replay:
 
     """
 
+    #: The most keys captured; more raise :class:`NotOneGraph` (as dynamo's recompile limit).
+    limit = 16
+
     def __init__(self, fn: Callable[..., tuple[Any, ...]], backend: str = "inductor") -> None:
         self.fn = fn
         self.backend = backend
         self.stats = ReplayStats()
         self._graphs: dict[Hashable, _Graph] = {}
+        self._refused: dict[Hashable, str] = {}  # keys whose capture ran but cannot replay
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -96,9 +100,22 @@ class Replay:
         return state
 
     def __call__(self, key: Hashable, tensors: Sequence[torch.Tensor]) -> tuple[Any, ...]:
-        """Run the graph captured for ``key`` on ``tensors`` (capturing it first if new)."""
+        """Run the graph captured for ``key`` on ``tensors`` (capturing it first if new).
+
+        Raises:
+            NotOneGraph: ``key`` does not capture as one graph that can be replayed (before
+                anything ran), or more than :attr:`limit` keys were captured.
+        """
         graph = self._graphs.get(key)
         if graph is None:
+            reason = self._refused.get(key)
+            if reason is not None:
+                raise NotOneGraph(reason)
+            if len(self._graphs) >= self.limit:
+                raise NotOneGraph(
+                    f"{self.limit} graphs captured already (a new batch shape or setting each "
+                    "time: pad batches to a few shapes)"
+                )
             return self._capture(key, tensors)
         self.stats.calls += 1
         inputs = [
@@ -138,18 +155,25 @@ class Replay:
         with _private.tracing_autograd():
             try:
                 outputs = compiled_fn(*tensors)
-            except Exception as error:  # noqa: BLE001 - dynamo's reasons vary; say which
-                raise NotOneGraph(f"{type(error).__name__}: {str(error)[:600]}") from error
+            except Exception as error:
+                if not _private.is_dynamo_error(error):
+                    raise  # the step's own error (a bad batch, a loss that fails): as eager
+                raise NotOneGraph(f"{type(error).__name__}: {_reason(error)}") from error
             finally:
                 _private.forget_compiled(whole)  # the graph is kept here, not in dynamo
         self.stats.compile_seconds += time.perf_counter() - started
-        if len(captured) != 1 or len(captured[0][2]) != 1:
-            raise NotOneGraph(f"captured {len(captured)} graphs, expected one")
-        example_inputs, compiled, runs = captured[0]
-        graph = _Graph(compiled, *_input_slots(example_inputs, tensors), [])
-        results = list(runs[0])
-        for value in outputs:
-            graph.outputs.append(_output_slot(value, results, tensors))
+        # the step ran (its update too): from here on, refuse the key rather than raise
+        try:
+            if len(captured) != 1 or len(captured[0][2]) != 1:
+                raise NotOneGraph(f"captured {len(captured)} graphs, expected one")
+            example_inputs, compiled, runs = captured[0]
+            graph = _Graph(compiled, *_input_slots(example_inputs, tensors), [])
+            results = list(runs[0])
+            for value in outputs:
+                graph.outputs.append(_output_slot(value, results, tensors, graph.held))
+        except NotOneGraph as error:
+            self._refused[key] = str(error)
+            return tuple(outputs)
         self._graphs[key] = graph
         self.stats.captures += 1
         self.stats.keys.append(key)
@@ -174,7 +198,7 @@ def _input_slots(
 
 
 def _output_slot(
-    value: Any, results: list[Any], tensors: Sequence[torch.Tensor]
+    value: Any, results: list[Any], tensors: Sequence[torch.Tensor], held: list[Any]
 ) -> tuple[str, Any]:
     if not isinstance(value, torch.Tensor):
         return ("value", value)
@@ -184,4 +208,14 @@ def _output_slot(
     for index, tensor in enumerate(tensors):
         if tensor is value:
             return ("input", index)
+    if any(value is tensor for tensor in held):
+        return ("value", value)  # a weight or state the graph reads, returned as it is
     raise NotOneGraph("an output of the step is neither a graph output nor an input")
+
+
+def _reason(error: BaseException) -> str:
+    """Dynamo's explanation and the user code it stopped in, shortened."""
+    text = str(error)
+    head = text.split("\n  Hint:")[0][:500]
+    frames = [line.strip() for line in text.splitlines() if line.strip().startswith("File ")]
+    return head + ("\n  last frames: " + " | ".join(frames[-3:]) if frames else "")

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
 if TYPE_CHECKING:
     from keras_lightning.builtin_steps import BuiltinSteps
@@ -102,6 +103,8 @@ def hosting(module: Any, trainer: Any) -> str | None:
         return "automatic"  # DDP's reducer averages .grad in Lightning's backward
     if trainer.gradient_clip_val or trainer.accumulate_grad_batches != 1:
         return "automatic"
+    if any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
+        return "automatic"  # it changes accumulate_grad_batches per epoch
     if module._arguments.lr_scheduler is not None or _overrides(module, "configure_optimizers"):
         return "automatic"  # Lightning steps schedulers under automatic optimization only
     return "manual"
@@ -219,7 +222,10 @@ class WholeStep:
         self._batch: _Batch | None = None
         self.params: list[torch.Tensor] = []
         self._optimizer: Any = None
-        self._out: dict[str, Any] = {}
+        self._fusing = False  # this step's graph applies the update
+        self._fused_failed = False
+        self._out: dict[str, Any] = {}  # the output structure of the step last traced
+        self._outs: dict[Any, dict[str, Any]] = {}  # ... of each captured graph
 
     # ------------------------------------------------------------ keys
 
@@ -232,7 +238,8 @@ class WholeStep:
         return (
             stage,
             batch.signature,
-            tuple(layer.trainable for layer in self._layers),
+            # trainable, and every scalar a layer holds (Dropout.rate, a flag a callback sets)
+            tuple(_scalars(layer) for layer in self._layers),
             tuple((id(p), p.requires_grad) for p in params),
             _optimizer_key(optimizer),
             _autocast_key(),
@@ -260,7 +267,7 @@ class WholeStep:
     def _train_graph(self, *tensors: torch.Tensor) -> tuple[Any, ...]:
         loss, *rest = self._forward(tensors, training=True)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        if self.stats.mode == "fused":
+        if self._fusing:
             with torch.no_grad():
                 self._optimizer.apply_captured(self.params, list(grads))
             return (loss.detach(), *rest)
@@ -294,34 +301,41 @@ class WholeStep:
         from keras_lightning.optimizers import KerasOptimizer
 
         self._optimizer = optimizer
-        if not first and self.stats.mode is None:
+        if not first and self.stats.mode != "compiled" and not self._fused_failed:
+            # decided on every step: a later fit may clip (automatic hosting: never fused)
             fused = fuse and isinstance(optimizer, KerasOptimizer) and optimizer.can_apply_captured()
             self.stats.mode = "fused" if fused else "grads"
-        if self.stats.mode == "fused":
+        self._fusing = self.stats.mode == "fused" and not first
+        if self._fusing:
             optimizer.prepare_captured()
             self.params = optimizer.trained_params()
         else:
             self.params = _trained(optimizer)
         batch = flatten_batch(x, y, sample_weight)
         self._batch = batch
-        if first or self.stats.mode == "compiled":
-            outputs = self._run_fallback(batch, first)
-        else:
-            try:
-                key = self.key(self.stats.mode, batch, self.params)
-                outputs = self._train(key, batch.tensors)
-            except NotOneGraph as error:
-                outputs = self._after_failure(batch, error)
-        fused = self.stats.mode == "fused" and not first
-        if fused:
+        try:
+            if first or self.stats.mode == "compiled":
+                outputs = self._run_fallback(batch, first)
+            else:
+                try:
+                    key = self.key(self.stats.mode, batch, self.params)
+                    outputs = self._train(key, batch.tensors)
+                    self._out = self._outs.setdefault(key, self._out)
+                except NotOneGraph as error:
+                    outputs = self._after_failure(batch, error)
+        finally:
+            self._batch = None  # nothing of the batch is kept between steps
+        if self._fusing:
             optimizer.after_captured()
         y_pred, loss, losses, grads = self._unpack(outputs)
-        return y_pred, loss, losses, (None if fused else grads)
+        return y_pred, loss, losses, (None if self._fusing else grads)
 
     def _after_failure(self, batch: _Batch, error: NotOneGraph) -> tuple[Any, ...]:
-        if self.stats.mode == "fused":  # the update may be what breaks: try gradients only
+        if self._fusing:  # the update may be what breaks: try gradients only
             self.stats.fallback = f"fused: {error}"
             self.stats.mode = "grads"
+            self._fusing = False
+            self._fused_failed = True
             self.params = _trained(self._optimizer)
             try:
                 return self._train(self.key("grads", batch, self.params), batch.tensors)
@@ -345,15 +359,20 @@ class WholeStep:
         """One validation / test step (``training=False``): output, loss, per-output losses."""
         batch = flatten_batch(x, y, sample_weight)
         self._batch = batch
-        if self._eval_fallback is not None:
-            outputs = self._eval_fallback(*batch.tensors)
-        else:
-            try:
-                outputs = self._evaluate(self.key("evaluate", batch, ()), batch.tensors)
-            except NotOneGraph as error:
-                self._warn(f"evaluation: {error}")
-                self._eval_fallback = CompiledStep(self._evaluate_graph, "eager")
+        try:
+            if self._eval_fallback is not None:
                 outputs = self._eval_fallback(*batch.tensors)
+            else:
+                try:
+                    key = self.key("evaluate", batch, ())
+                    outputs = self._evaluate(key, batch.tensors)
+                    self._out = self._outs.setdefault(key, self._out)
+                except NotOneGraph as error:
+                    self._warn(f"evaluation: {error}")
+                    self._eval_fallback = CompiledStep(self._evaluate_graph, "eager")
+                    outputs = self._eval_fallback(*batch.tensors)
+        finally:
+            self._batch = None
         y_pred, loss, losses, _ = self._unpack(outputs)
         return y_pred, loss, losses
 
@@ -371,6 +390,15 @@ class WholeStep:
         )
 
 
+_SCALAR_TYPES = (bool, int, float, str, type(None))
+
+
+def _scalars(layer: Any) -> tuple[Any, ...]:
+    return (layer.trainable,) + tuple(
+        (name, value) for name, value in vars(layer).items() if type(value) in _SCALAR_TYPES
+    )
+
+
 def _trained(optimizer: Any) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
@@ -379,9 +407,21 @@ def _optimizer_key(optimizer: Any) -> Any:
     if optimizer is None:
         return None
     return tuple(
-        (type(keras_optimizer).__name__, tuple(getattr(keras_optimizer, name, None) for name in _HYPERPARAMETERS))
+        (
+            type(keras_optimizer).__name__,
+            tuple(getattr(keras_optimizer, name, None) for name in _HYPERPARAMETERS),
+            # the rest of its configuration (rho, l1 / l2, ...); the learning rate is a tensor
+            tuple(_scalars_of_config(keras_optimizer.get_config())),
+        )
         for keras_optimizer in optimizer.keras_optimizers
     ) + (optimizer.captured_layout(),)
+
+
+def _scalars_of_config(config: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [
+        (name, value) for name, value in sorted(config.items())
+        if name != "learning_rate" and type(value) in _SCALAR_TYPES
+    ]
 
 
 def _autocast_key() -> tuple[Any, ...]:

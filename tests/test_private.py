@@ -611,3 +611,17 @@ def test_graph_compiler_and_the_functions_substituted():
     seeded, unseeded = keras.random.SeedGenerator(3), keras.random.SeedGenerator()
     assert not _private.is_unseeded_generator(seeded, keras.random.SeedGenerator)
     assert _private.is_unseeded_generator(unseeded, keras.random.SeedGenerator)
+
+
+def test_is_dynamo_error_tells_compiler_errors_from_the_steps_own():
+    def breaks(x):
+        return x * (2.0 if float(x.sum()) > 0 else 1.0)
+
+    try:
+        torch.compile(breaks, backend="eager", fullgraph=True)(torch.ones(2))
+    except Exception as error:  # noqa: BLE001 - the graph break under fullgraph
+        assert _private.is_dynamo_error(error)
+    else:
+        raise AssertionError("fullgraph did not refuse the data-dependent branch")
+    assert not _private.is_dynamo_error(ValueError("a bad batch"))
+    assert not _private.is_dynamo_error(kl.ConfigurationError("bad"))

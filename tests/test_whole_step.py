@@ -62,7 +62,9 @@ def run(
         **module_kw,
     )
     steps = StepLosses()
-    trainer = make_trainer(max_epochs=epochs, callbacks=[steps], **(trainer_kw or {}))
+    trainer_kw = dict(trainer_kw or {})
+    callbacks = [steps, *trainer_kw.pop("callbacks", [])]
+    trainer = make_trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kw)
     torch.manual_seed(0)  # the same dropout draws in both runs
     trainer.fit(module, batches if batches is not None else loader(*data()[:2], batch_size=16))
     return steps.losses, module, trainer
@@ -373,3 +375,58 @@ def test_jit_compile_names_the_fast_mode_in_its_error():
     assert resolve_compile("step") == "step"
     with pytest.raises(kl.ConfigurationError, match="jit_compile.*'step'.*whole training step"):
         resolve_compile("steps")
+
+
+def test_a_second_fit_with_other_trainer_flags_trains_as_eager():
+    """The mode is decided per step: a second fit that clips (automatic hosting) after one
+    that fused the update, on the same module."""
+    results = {}
+    for jit_compile in (False, FAST):
+        module = kl.KerasLightningModule(
+            small_mlp(dropout=False), optimizer=keras_adam(),
+            loss="sparse_categorical_crossentropy", jit_compile=jit_compile,
+        )
+        train = loader(*data()[:2], batch_size=16)
+        make_trainer(max_epochs=1).fit(module, train)
+        make_trainer(max_epochs=1, gradient_clip_val=0.05).fit(module, train)
+        results[jit_compile] = (weights(module), module.compile_stats)
+    assert results[FAST][1].hosting == "automatic" and results[FAST][1].fallback is None
+    for a, b in zip(results[FAST][0], results[False][0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class SetDropoutRate(L.Callback):
+    """Anneals a Python attribute of a layer: the graph must not keep the old value."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            pl_module.model.layers[2].rate = 0.0
+
+
+def test_a_layer_attribute_changed_in_python_captures_again():
+    results = {}
+    for jit_compile in (False, FAST):
+        _, module, _ = run(
+            jit_compile, optimizer=keras_adam, epochs=2,
+            trainer_kw={"callbacks": [SetDropoutRate()]},
+        )
+        results[jit_compile] = (weights(module), module.compile_stats)
+    assert results[FAST][1].train.captures == 2
+    for a, b in zip(results[FAST][0], results[False][0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_scheduler_hosts_automatically():
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    results = {}
+    for jit_compile in (False, FAST):
+        _, module, trainer = run(
+            jit_compile, optimizer=keras_adam, epochs=3,
+            trainer_kw={"callbacks": [GradientAccumulationScheduler({1: 2})]},
+        )
+        results[jit_compile] = (weights(module), trainer.global_step, module.compile_stats)
+    assert results[FAST][2].hosting == "automatic"
+    assert results[FAST][1] == results[False][1] == 5 + 3 + 3
+    for a, b in zip(results[FAST][0], results[False][0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
