@@ -159,7 +159,7 @@ def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
     """``torch.utils._pytree.tree_flatten``: the leaves and the spec that rebuilds ``tree``."""
     from torch.utils import _pytree
 
-    return _pytree.tree_flatten(tree)  # type: ignore[no-any-return]
+    return _pytree.tree_flatten(tree)
 
 
 def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
@@ -171,7 +171,8 @@ def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
 
 def pytree_node(structure: Any) -> Any:
     """The pytree node type registered for ``structure`` (``flatten_fn`` / ``unflatten_fn``),
-    or None for a leaf."""
+    or None for a leaf.
+    """
     from torch.utils import _pytree
 
     return _pytree.SUPPORTED_NODES.get(_pytree._get_node_type(structure))
@@ -179,7 +180,8 @@ def pytree_node(structure: Any) -> Any:
 
 def is_dynamo_error(error: BaseException) -> bool:
     """An error of torch.compile itself (a graph break under ``fullgraph``, a compiler
-    failure), as opposed to one the traced code raises."""
+    failure), as opposed to one the traced code raises.
+    """
     from torch._dynamo import exc
 
     return isinstance(error, (exc.TorchDynamoException, exc.Unsupported)) or type(
@@ -189,7 +191,8 @@ def is_dynamo_error(error: BaseException) -> bool:
 
 def graph_compiler(backend: str) -> Any:
     """The function a ``torch.compile`` backend runs on a captured graph (inductor's
-    ``compile_fx`` or a registered backend)."""
+    ``compile_fx`` or a registered backend).
+    """
     if backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
@@ -201,7 +204,8 @@ def graph_compiler(backend: str) -> Any:
 
 def keras_functions_to_substitute() -> dict[str, Any]:
     """Keras' private functions that :func:`~keras_lightning.compiled.install_dynamo_shims`
-    gives dynamo substitutes for, by name."""
+    gives dynamo substitutes for, by name.
+    """
     torch_nn, _ = keras_torch_backend_modules()
     random, _ = keras_torch_random_and_rnn_modules()
     return {
@@ -213,7 +217,8 @@ def keras_functions_to_substitute() -> dict[str, Any]:
 
 def is_unseeded_generator(seed: Any, seed_generator_class: type) -> bool:
     """A ``SeedGenerator`` made without a seed (Keras' dropout then uses torch's own)."""
-    return isinstance(seed, seed_generator_class) and seed._initial_seed is None
+    generator: Any = seed
+    return isinstance(seed, seed_generator_class) and generator._initial_seed is None
 
 
 def keras_backend_utils_module() -> Any:

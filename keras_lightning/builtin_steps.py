@@ -38,8 +38,14 @@ from keras_lightning.keras_model import (
 from keras_lightning.lightning_side import LightningSideHelpers, running_stage
 from keras_lightning.metrics import bind_metrics
 from keras_lightning.objective import Objective
-from keras_lightning.whole_step import WholeStep, WholeStepStats, hosting
-from keras_lightning.whole_step import gradient_carrier, not_whole_reason, write_gradients
+from keras_lightning.whole_step import (
+    WholeStep,
+    WholeStepStats,
+    gradient_carrier,
+    hosting,
+    not_whole_reason,
+    write_gradients,
+)
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -179,7 +185,8 @@ class BuiltinSteps:
         # jit_compile="step": the whole step captured (whole_step.py)
         self.whole = None
         if compile_backend in WHOLE_STEP_MODES:
-            self.whole = WholeStep(self, "aot_eager" if compile_backend.endswith("aot_eager") else "inductor")
+            backend = "aot_eager" if compile_backend.endswith("aot_eager") else "inductor"
+            self.whole = WholeStep(self, backend)
         self.objective: Objective | None = None
         self.stages = {stage: EpochState(prefix) for stage, prefix in STAGE_PREFIX.items()}
         # several validation / test dataloaders: the states of dataloader 1, 2, ... of a stage

@@ -282,8 +282,10 @@ class KerasLightningModule(LightningSideHelpers):
         self._lr_override = float(value)
 
     @property
-    def compile_stats(self) -> CompileStats | None:
-        """What ``torch.compile`` did (:class:`~keras_lightning.compiled.CompileStats`), or None."""
+    def compile_stats(self) -> CompileStats | whole_step.WholeStepStats | None:
+        """What ``torch.compile`` did (:class:`~keras_lightning.compiled.CompileStats`, or
+        :class:`~keras_lightning.WholeStepStats` for ``jit_compile="step"``), or None.
+        """
         return self._builtin.compile_stats
 
     def _steps(self, stage: str) -> BuiltinSteps | KerasSteps:

@@ -105,6 +105,7 @@ class Replay:
         Raises:
             NotOneGraph: ``key`` does not capture as one graph that can be replayed (before
                 anything ran), or more than :attr:`limit` keys were captured.
+
         """
         graph = self._graphs.get(key)
         if graph is None:
@@ -183,7 +184,7 @@ class Replay:
 def _input_slots(
     example_inputs: list[Any], tensors: Sequence[torch.Tensor]
 ) -> tuple[list[int | None], list[torch.Tensor | None]]:
-    by_id = {}
+    by_id: dict[int, int] = {}
     for index, tensor in enumerate(tensors):
         by_id.setdefault(id(tensor), index)
     positions: list[int | None] = []

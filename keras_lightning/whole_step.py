@@ -276,14 +276,19 @@ class WholeStep:
     def _evaluate_graph(self, *tensors: torch.Tensor) -> tuple[Any, ...]:
         return self._forward(tensors, training=False)
 
-    def _unpack(self, outputs: Sequence[Any]) -> tuple[Any, torch.Tensor, dict[str, Any], list[Any]]:
+    def _unpack(
+        self, outputs: Sequence[Any]
+    ) -> tuple[Any, torch.Tensor, dict[str, Any], list[Any]]:
         out = self._out
         count, names = out["count"], out["names"]
         loss = outputs[0]
         leaves = list(outputs[1 : 1 + count])
         losses = dict(zip(names, outputs[1 + count : 1 + count + len(names)], strict=True))
         masks = outputs[1 + count + len(names) : 1 + 2 * count + len(names)]
-        leaves = [_private.with_keras_mask(leaf, mask) for leaf, mask in zip(leaves, masks, strict=True)]
+        leaves = [
+            _private.with_keras_mask(leaf, mask)
+            for leaf, mask in zip(leaves, masks, strict=True)
+        ]
         rest = list(outputs[1 + 2 * count + len(names) :])
         return _private.tree_unflatten(leaves, out["spec"]), loss, losses, rest
 
@@ -303,7 +308,9 @@ class WholeStep:
         self._optimizer = optimizer
         if not first and self.stats.mode != "compiled" and not self._fused_failed:
             # decided on every step: a later fit may clip (automatic hosting: never fused)
-            fused = fuse and isinstance(optimizer, KerasOptimizer) and optimizer.can_apply_captured()
+            fused = (
+                fuse and isinstance(optimizer, KerasOptimizer) and optimizer.can_apply_captured()
+            )
             self.stats.mode = "fused" if fused else "grads"
         self._fusing = self.stats.mode == "fused" and not first
         if self._fusing:
@@ -318,7 +325,7 @@ class WholeStep:
                 outputs = self._run_fallback(batch, first)
             else:
                 try:
-                    key = self.key(self.stats.mode, batch, self.params)
+                    key = self.key(str(self.stats.mode), batch, self.params)
                     outputs = self._train(key, batch.tensors)
                     self._out = self._outs.setdefault(key, self._out)
                 except NotOneGraph as error:
@@ -353,9 +360,11 @@ class WholeStep:
         if self._fallback is None:
             self._fallback = CompiledStep(self._train_graph, "eager")
         with _private.tracing_autograd():
-            return self._fallback(*batch.tensors)  # type: ignore[no-any-return]
+            return self._fallback(*batch.tensors)
 
-    def evaluate(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+    def evaluate(
+        self, x: Any, y: Any, sample_weight: Any
+    ) -> tuple[Any, torch.Tensor, dict[str, Any]]:
         """One validation / test step (``training=False``): output, loss, per-output losses."""
         batch = flatten_batch(x, y, sample_weight)
         self._batch = batch

@@ -184,6 +184,14 @@ class FreezeFirstLayer(L.Callback):
             pl_module.model.layers[1].trainable = False
 
 
+class Snapshot(L.Callback):
+    """The first kernel when the layer is frozen."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            self.kernel = weights(pl_module)[0].copy()
+
+
 def test_freezing_a_layer_mid_training_captures_again():
     """``layer.trainable`` is read in Python: a change is a new key, not a stale graph."""
     results = {}
@@ -192,17 +200,11 @@ def test_freezing_a_layer_mid_training_captures_again():
             small_mlp(batch_norm=False), optimizer=keras_adam(),
             loss="sparse_categorical_crossentropy", jit_compile=jit_compile,
         )
-        frozen_after = {}
-
-        class Snapshot(L.Callback):
-            def on_train_epoch_start(self, trainer, pl_module):
-                if trainer.current_epoch == 2:
-                    frozen_after["kernel"] = weights(pl_module)[0].copy()
-
-        trainer = make_trainer(max_epochs=4, callbacks=[FreezeFirstLayer(), Snapshot()])
+        snapshot = Snapshot()
+        trainer = make_trainer(max_epochs=4, callbacks=[FreezeFirstLayer(), snapshot])
         torch.manual_seed(0)
         trainer.fit(module, loader(*data()[:2], batch_size=16))
-        results[jit_compile] = (weights(module), frozen_after["kernel"], module.compile_stats)
+        results[jit_compile] = (weights(module), snapshot.kernel, module.compile_stats)
     final, kernel_at_freeze, stats = results[FAST]
     assert stats.train.captures == 2 and stats.fallback is None
     np.testing.assert_array_equal(final[0], kernel_at_freeze)  # frozen: not one bit moved
