@@ -72,10 +72,13 @@ class Replay:
 
     Example:
         >>> import torch
-        >>> w = torch.ones(3)
-        >>> def step(x):
-        ...     w.mul_(2)
-        ...     return ((x * w).sum(),)
+        >>> def make_step():
+        ...     w = torch.ones(3)  # state the step reads and updates in place
+        ...     def step(x):
+        ...         w.mul_(2)
+        ...         return ((x * w).sum(),)
+        ...     return w, step
+        >>> w, step = make_step()
         >>> replay = Replay(step, backend="aot_eager")
         >>> float(replay("k", [torch.ones(3)])[0]), float(replay("k", [torch.ones(3)])[0])
         (6.0, 12.0)
