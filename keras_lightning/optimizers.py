@@ -249,16 +249,8 @@ class KerasOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._current_layout() != self._layout:
-            self._follow_param_groups()
-        groups = self.param_groups
-        with torch.no_grad(), self._keras_scope():
-            for update in self._updates:
-                update.sync(groups[update.group])
-                update.step()
-        for update in self._updates:
-            if update.lr_is_schedule:
-                groups[update.group]["lr"] = update.current_lr()
+        self._each_synced_update(_Update.step)
+        self.after_captured()
         return loss
 
     # ------------------------------------------------------------ jit_compile="step"
@@ -279,13 +271,17 @@ class KerasOptimizer(torch.optim.Optimizer):
 
     def prepare_captured(self) -> None:
         """What :meth:`step` does in Python before the update, done before the graph runs."""
+        self._each_synced_update(_Update.decide_path)
+
+    def _each_synced_update(self, action: Callable[[_Update], None]) -> None:
+        """Follow ``param_groups``, give each Keras optimizer its group's settings, then act."""
         if self._current_layout() != self._layout:
             self._follow_param_groups()
         groups = self.param_groups
         with torch.no_grad(), self._keras_scope():
             for update in self._updates:
                 update.sync(groups[update.group])
-                update.decide_path()
+                action(update)
 
     def trained_params(self) -> list[torch.Tensor]:
         """The parameters the Keras optimizers update that train now (``requires_grad``)."""
@@ -308,7 +304,9 @@ class KerasOptimizer(torch.optim.Optimizer):
                 update.apply([g for g, _ in pairs], [v for _, v in pairs])
 
     def after_captured(self) -> None:
-        """What :meth:`step` does in Python after the update (a schedule's current ``lr``)."""
+        """After the update (in :meth:`step` or the graph): a schedule's current ``lr`` in its
+        param group.
+        """
         groups = self.param_groups
         for update in self._updates:
             if update.lr_is_schedule:
